@@ -1,0 +1,295 @@
+"""Registry of frozen ViT backbones, in the style of timm's model registry.
+
+A backbone turns whole frames (resized to ``image_size`` x ``image_size``, no centre crop: an
+anomaly at the edge of a fixed camera's view must stay in the picture) into one global vector and
+a grid of patch vectors. Register tokens are never counted among the patches.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+INCEPTION_MEAN = (0.5, 0.5, 0.5)
+INCEPTION_STD = (0.5, 0.5, 0.5)
+
+# Weights of tiny test backbones are drawn from this seed, so every Ray actor (and every test run)
+# builds the very same random network.
+RANDOM_SEED = 0
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    family: str  # "dinov2" | "dinov2-reg" | "ijepa" | "timm-vit"
+    source: str | None  # hub id (HF) or timm model name; None: random weights only
+    image_size: int = 224
+    patch_size: int = 14
+    global_pool: str = "cls"  # "cls" or "mean" (I-JEPA has no CLS token)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    random_config: dict = field(default_factory=dict)  # architecture for random initialisation
+    description: str = ""
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid * self.grid
+
+
+_REGISTRY: dict[str, Callable[[], BackboneSpec]] = {}
+
+
+def register_backbone(fn: Callable[[], BackboneSpec]) -> Callable[[], BackboneSpec]:
+    spec = fn()
+    if spec.name in _REGISTRY:
+        raise ValueError(f"backbone {spec.name!r} registered twice")
+    _REGISTRY[spec.name] = fn
+    return fn
+
+
+def list_backbones(pattern: str = "*") -> list[str]:
+    return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
+
+
+def get_spec(name: str, image_size: int | None = None) -> BackboneSpec:
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown backbone {name!r}; known: {', '.join(list_backbones())}")
+    spec = _REGISTRY[name]()
+    if image_size is not None and image_size != spec.image_size:
+        if image_size % spec.patch_size:
+            raise ValueError(f"image size {image_size} is not a multiple of patch {spec.patch_size}")
+        spec = replace(spec, image_size=image_size)
+    return spec
+
+
+# --- the paper's backbones and their smaller relatives ------------------------------------------
+@register_backbone
+def _vit_h14_in21k() -> BackboneSpec:
+    return BackboneSpec("vit-h14-in21k", "timm-vit", "vit_huge_patch14_224.orig_in21k",
+                        mean=INCEPTION_MEAN, std=INCEPTION_STD,
+                        description="ViT-H/14 supervised on ImageNet-21k (timm), global = CLS")
+
+
+@register_backbone
+def _dinov2_l14() -> BackboneSpec:
+    return BackboneSpec("dinov2-l14", "dinov2", "facebook/dinov2-large",
+                        description="DINOv2 ViT-L/14, global = CLS")
+
+
+@register_backbone
+def _dinov2_b14() -> BackboneSpec:
+    return BackboneSpec("dinov2-b14", "dinov2", "facebook/dinov2-base",
+                        description="DINOv2 ViT-B/14, global = CLS")
+
+
+@register_backbone
+def _dinov2_s14() -> BackboneSpec:
+    return BackboneSpec("dinov2-s14", "dinov2", "facebook/dinov2-small",
+                        description="DINOv2 ViT-S/14, global = CLS")
+
+
+@register_backbone
+def _dinov2_s14_reg() -> BackboneSpec:
+    return BackboneSpec("dinov2-s14-reg", "dinov2-reg", "facebook/dinov2-with-registers-small",
+                        description="DINOv2 ViT-S/14 with 4 register tokens (excluded from patches)")
+
+
+@register_backbone
+def _ijepa_h14() -> BackboneSpec:
+    return BackboneSpec("ijepa-h14", "ijepa", "facebook/ijepa_vith14_1k", global_pool="mean",
+                        description="I-JEPA ViT-H/14 (no CLS): global = mean of patch tokens")
+
+
+# --- tiny random backbones for tests and the demo ----------------------------------------------
+_TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+
+
+@register_backbone
+def _tiny_dinov2() -> BackboneSpec:
+    return BackboneSpec("tiny-dinov2", "dinov2", None, random_config=dict(_TINY, mlp_ratio=2),
+                        description="2-layer 32-d DINOv2, random weights (tests)")
+
+
+@register_backbone
+def _tiny_dinov2_reg() -> BackboneSpec:
+    return BackboneSpec("tiny-dinov2-reg", "dinov2-reg", None,
+                        random_config=dict(_TINY, mlp_ratio=2, num_register_tokens=4),
+                        description="2-layer 32-d DINOv2 with 4 registers, random weights (tests)")
+
+
+@register_backbone
+def _tiny_ijepa() -> BackboneSpec:
+    return BackboneSpec("tiny-ijepa", "ijepa", None, global_pool="mean", random_config=dict(_TINY),
+                        description="2-layer 32-d I-JEPA, random weights (tests)")
+
+
+@register_backbone
+def _tiny_vit() -> BackboneSpec:
+    return BackboneSpec("tiny-vit", "timm-vit", None, mean=INCEPTION_MEAN, std=INCEPTION_STD,
+                        random_config=dict(embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0),
+                        description="2-layer 32-d timm ViT, random weights (tests)")
+
+
+# --- weights -------------------------------------------------------------------------------------
+def _is_random(spec: BackboneSpec, weights: str | None) -> bool:
+    if weights == "random":
+        return True
+    return weights is None and spec.source is None
+
+
+def resolve_weights(spec: BackboneSpec, weights: str | None) -> str | None:
+    """A local directory holding the weights, ``None`` for random weights.
+
+    ``weights`` is a local directory, a hub id, ``"random"`` or ``None`` (the spec's hub id).
+    Hub ids go through huggingface_hub, which honours ``HF_HUB_OFFLINE`` and its cache.
+    """
+    if _is_random(spec, weights):
+        if not spec.random_config:
+            raise ValueError(f"{spec.name} has no random configuration; give --weights")
+        return None
+    ref = weights or spec.source
+    if os.path.isdir(ref):
+        return ref
+    from huggingface_hub import snapshot_download
+
+    repo = f"timm/{ref}" if spec.family == "timm-vit" and "/" not in ref else ref
+    try:
+        return snapshot_download(repo, allow_patterns=["*.json", "*.safetensors"])
+    except Exception as exc:  # network, offline cache miss, unknown repo
+        raise RuntimeError(
+            f"cannot load weights {ref!r} for {spec.name}: {exc.__class__.__name__}: {exc}. "
+            "Give a local directory with --weights, or make the hub reachable.") from exc
+
+
+def weights_fingerprint(spec: BackboneSpec, weights: str | None) -> dict:
+    """Identity of the weights: where they come from and a sha256 over the weight files."""
+    local = resolve_weights(spec, weights)
+    if local is None:
+        digest = hashlib.sha256(f"random:{spec.name}:{RANDOM_SEED}:{sorted(spec.random_config.items())}"
+                                .encode()).hexdigest()
+        return {"weights": "random", "weights_sha256": digest}
+    h = hashlib.sha256()
+    files = sorted(p for p in Path(local).iterdir() if p.suffix in (".safetensors", ".bin", ".pth"))
+    if not files:
+        raise FileNotFoundError(f"no weight files (*.safetensors, *.bin) in {local}")
+    for path in files:
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+    return {"weights": weights or spec.source, "weights_sha256": h.hexdigest()}
+
+
+# --- building the networks ---------------------------------------------------------------------
+def _build_hf(spec: BackboneSpec, local: str | None):
+    import torch
+    import transformers as tf
+
+    model_cls, config_cls = {
+        "dinov2": (tf.Dinov2Model, tf.Dinov2Config),
+        "dinov2-reg": (tf.Dinov2WithRegistersModel, tf.Dinov2WithRegistersConfig),
+        "ijepa": (tf.IJepaModel, tf.IJepaConfig),
+    }[spec.family]
+    if local is not None:
+        return model_cls.from_pretrained(local, dtype=torch.float32)
+    torch.manual_seed(RANDOM_SEED)
+    config = config_cls(image_size=spec.image_size, patch_size=spec.patch_size, **spec.random_config)
+    return model_cls(config)
+
+
+def _build_timm(spec: BackboneSpec, local: str | None):
+    import timm
+    import torch
+
+    if local is None:
+        torch.manual_seed(RANDOM_SEED)
+        return timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0,
+                                 img_size=spec.image_size, patch_size=spec.patch_size,
+                                 dynamic_img_size=True, **spec.random_config)
+    files = sorted(Path(local).glob("*.safetensors")) or sorted(Path(local).glob("*.bin"))
+    return timm.create_model(spec.source, pretrained=True, num_classes=0, img_size=spec.image_size,
+                             dynamic_img_size=True, pretrained_cfg_overlay={"file": str(files[0])})
+
+
+class Backbone:
+    """A loaded, frozen backbone: ``embed(uint8 frames) -> (global [B, D], local [B, P, D])``."""
+
+    def __init__(self, spec: BackboneSpec, weights: str | None = None, device: str | None = None):
+        import torch
+
+        self.spec = spec
+        local = resolve_weights(spec, weights)
+        self.model = (_build_timm if spec.family == "timm-vit" else _build_hf)(spec, local)
+        self.model.eval().requires_grad_(False)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model.to(self.device)
+        self._mean = torch.tensor(spec.mean, device=self.device).view(1, 3, 1, 1)
+        self._std = torch.tensor(spec.std, device=self.device).view(1, 3, 1, 1)
+        self.num_prefix_tokens = self._count_prefix_tokens()
+
+    def _count_prefix_tokens(self) -> int:
+        if self.spec.family == "timm-vit":
+            return int(self.model.num_prefix_tokens)
+        if self.spec.family == "ijepa":
+            return 0
+        return 1 + int(getattr(self.model.config, "num_register_tokens", 0) or 0)
+
+    @property
+    def dim(self) -> int:
+        if self.spec.family == "timm-vit":
+            return int(self.model.num_features)
+        return int(self.model.config.hidden_size)
+
+    def _tokens(self, x):
+        if self.spec.family == "timm-vit":
+            return self.model.forward_features(x)
+        kwargs = {"interpolate_pos_encoding": True} if self.spec.family == "ijepa" else {}
+        return self.model(pixel_values=x, **kwargs).last_hidden_state
+
+    def embed(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Embed uint8 frames [B, S, S, 3] already resized to the spec's image size."""
+        import torch
+
+        size = self.spec.image_size
+        if frames.ndim != 4 or frames.shape[1:] != (size, size, 3):
+            raise ValueError(f"expected frames [B, {size}, {size}, 3], got {frames.shape}")
+        x = torch.from_numpy(np.ascontiguousarray(frames)).to(self.device)
+        x = x.permute(0, 3, 1, 2).float().div_(255.0).sub_(self._mean).div_(self._std)
+        use_amp = self.device.type == "cuda"
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                                    enabled=use_amp):
+            tokens = self._tokens(x).float()
+        patches = tokens[:, self.num_prefix_tokens:]
+        if patches.shape[1] != self.spec.num_patches:
+            raise RuntimeError(f"{self.spec.name}: {patches.shape[1]} patch tokens, "
+                               f"expected {self.spec.num_patches}")
+        glob = tokens[:, 0] if self.spec.global_pool == "cls" else patches.mean(dim=1)
+        return glob.cpu().numpy(), patches.cpu().numpy()
+
+
+def create_backbone(name: str, weights: str | None = None, image_size: int | None = None,
+                    device: str | None = None) -> Backbone:
+    return Backbone(get_spec(name, image_size), weights=weights, device=device)
+
+
+def resize_frame(image: np.ndarray, size: int) -> np.ndarray:
+    """Whole-frame resize to size x size RGB uint8 (bicubic, aspect not kept, nothing cropped)."""
+    from PIL import Image
+
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    if image.shape[:2] == (size, size):
+        return np.ascontiguousarray(image[:, :, :3], dtype=np.uint8)
+    pil = Image.fromarray(np.ascontiguousarray(image[:, :, :3], dtype=np.uint8))
+    return np.asarray(pil.resize((size, size), Image.BICUBIC), dtype=np.uint8)

@@ -1,0 +1,258 @@
+"""The ``vitad`` command: embed, fit, score, evaluate, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _add_ray(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS or a local one)")
+    p.add_argument("--num-cpus", type=int, help="CPUs of a local cluster (default: all)")
+
+
+def _add_backbone(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backbone", action="append", dest="backbones",
+                   help="registry name (repeat for several, each gets its own actor pool); "
+                        "see `vitad backbones`")
+    p.add_argument("--weights", action="append",
+                   help="weights per backbone: a local directory, a hub id or 'random'")
+    p.add_argument("--image-size", type=int, help="input size (multiple of the patch size)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--actors", type=int, help="embedder actors per backbone")
+
+
+def _add_sources(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--manifest", help="CSV with split, clip, frame_index, label, path")
+    p.add_argument("--frames", action="append", default=[], help="folder of clip folders of images")
+    p.add_argument("--videos", action="append", default=[], help="video file or folder of videos")
+    p.add_argument("--split", default="", help="split of --frames / --videos (train or test)")
+    p.add_argument("--fps", type=float, default=None,
+                   help="video sampling rate (default 4.17, the paper's; 0 = every frame)")
+
+
+def _add_fit(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--k-max", type=int, help="largest k (default: half the training clips, <= 50)")
+    p.add_argument("--shards", type=int, default=1, help="Chroma stores to spread scopes over")
+    p.add_argument("--chroma-url", help="a `chroma run` server (http://127.0.0.1:8000) instead "
+                                        "of embedded stores")
+    p.add_argument("--no-hdbscan", action="store_true", help="fit k-Means only")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vitad", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("backbones", help="list registered backbones")
+
+    p = sub.add_parser("embed", help="embed frames with one or more backbones (Ray Data)")
+    _add_sources(p)
+    _add_backbone(p)
+    _add_ray(p)
+    p.add_argument("--out", required=True, help="embeddings root: one folder per backbone")
+
+    p = sub.add_parser("fit", help="fit every scope's normality models (Ray tasks)")
+    p.add_argument("embeddings", help="one backbone's embeddings folder")
+    p.add_argument("--out", required=True, help="model directory")
+    _add_fit(p)
+    _add_ray(p)
+
+    p = sub.add_parser("score", help="score frames against a model")
+    p.add_argument("model")
+    p.add_argument("embeddings")
+    p.add_argument("--out", required=True, help="scores Parquet file")
+    p.add_argument("--index", choices=["exact", "chroma"], default="exact")
+    p.add_argument("--split", action="append", help="only these splits (default: all)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--methods", default="kmeans,hdbscan")
+    _add_ray(p)
+
+    for name, helptext in (("evaluate", "embed, fit, score and evaluate a labelled manifest"),
+                           ("demo", "the whole pipeline on a generated scene, no download")):
+        p = sub.add_parser(name, help=helptext)
+        if name == "evaluate":
+            p.add_argument("--manifest", required=True)
+            p.add_argument("--out", required=True, help="run directory")
+        else:
+            p.add_argument("--out", default="runs/demo", help="run directory")
+            p.add_argument("--frames-per-clip", type=int, default=48)
+        _add_backbone(p)
+        _add_fit(p)
+        _add_ray(p)
+        p.add_argument("--index", choices=["exact", "chroma"], default="exact")
+        p.add_argument("--threshold-mode", choices=["calibrated", "paper"], default="calibrated")
+        p.add_argument("--calib-fraction", type=float, default=1 / 3)
+        p.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _choices(args, default: str):
+    from .embed import BackboneChoice
+
+    names = args.backbones or [default]
+    weights = args.weights or []
+    if len(weights) > len(names):
+        raise SystemExit("more --weights than --backbone")
+    weights = weights + [None] * (len(names) - len(weights))
+    return [BackboneChoice(n, w, args.image_size) for n, w in zip(names, weights)]
+
+
+def _items(args) -> list[dict]:
+    from .frames import PAPER_FPS, items_from_frame_folder, items_from_manifest, items_from_videos
+
+    items = []
+    if args.manifest:
+        items += items_from_manifest(args.manifest)
+    for folder in args.frames:
+        items += items_from_frame_folder(folder, args.split)
+    if args.videos:
+        fps = PAPER_FPS if args.fps is None else args.fps
+        items += items_from_videos(args.videos, args.split, fps=fps)
+    if not items:
+        raise SystemExit("nothing to embed: give --manifest, --frames or --videos")
+    return items
+
+
+def _fit_config(args):
+    from .fit import FitConfig
+
+    return FitConfig(k_max=args.k_max, n_shards=args.shards, chroma_url=args.chroma_url,
+                     hdbscan=not args.no_hdbscan)
+
+
+def cmd_embed(args) -> dict:
+    from .embed import run_embedding
+    from .runtime import init_ray
+
+    init_ray(args.address, args.num_cpus)
+    items = _items(args)
+    choices = _choices(args, "dinov2-s14")
+    _say(f"embedding {len(items)} source items with {', '.join(c.name for c in choices)}")
+    res = run_embedding(items, choices, args.out, batch_size=args.batch_size,
+                        actors_per_backbone=args.actors)
+    for name, path in res.out_dirs.items():
+        _say(f"wrote {name} embeddings to {path}")
+    _say(f"{res.written} frames embedded, {res.already_present} already present, "
+         f"{len(res.errors)} skipped (reasons in {Path(args.out) / 'errors.csv'}), "
+         f"{res.seconds:.1f}s")
+    return {"frames": res.written, "skipped": len(res.errors), "seconds": res.seconds}
+
+
+def cmd_fit(args) -> dict:
+    from .fit import fit_model
+    from .runtime import init_ray
+
+    init_ray(args.address, args.num_cpus)
+    res = fit_model(args.embeddings, args.out, _fit_config(args))
+    _say(f"fitted {res.fitted} scopes ({res.skipped} already done) in {res.seconds:.1f}s "
+         f"on {len(res.nodes)} node(s); model directory: {res.model_dir}")
+    return {"fitted": res.fitted, "skipped": res.skipped, "seconds": res.seconds}
+
+
+def cmd_score(args) -> dict:
+    from .runtime import init_ray
+    from .score import score_embeddings
+
+    init_ray(args.address, args.num_cpus)
+    res = score_embeddings(args.model, args.embeddings, args.out, index=args.index,
+                           batch_size=args.batch_size, splits=args.split,
+                           methods=tuple(args.methods.split(",")))
+    _say(f"scored {res['frames']} frames in {res['seconds']:.1f}s; wrote {res['path']}")
+    return res
+
+
+def run_pipeline(args, items: list[dict], default_backbone: str) -> dict:
+    """embed -> fit (train split) -> score (test split) -> evaluate; returns the summary."""
+    from .embed import run_embedding
+    from .evaluate import evaluate_run, write_report
+    from .fit import fit_model
+    from .modeldir import write_thresholds
+    from .runtime import init_ray
+    from .score import score_embeddings
+
+    init_ray(args.address, args.num_cpus)
+    out = Path(args.out)
+    choices = _choices(args, default_backbone)
+    timings = {}
+    t = time.perf_counter()
+    emb = run_embedding(items, choices, out / "embeddings", batch_size=args.batch_size,
+                        actors_per_backbone=args.actors)
+    timings["embed"] = time.perf_counter() - t
+    _say(f"[1/4] embedded {emb.written} frames ({emb.already_present} already present, "
+         f"{len(emb.errors)} skipped) in {timings['embed']:.1f}s -> {out / 'embeddings'}")
+    summaries = {}
+    for choice in choices:
+        emb_dir = out / "embeddings" / choice.name
+        model_dir = out / "models" / choice.name
+        t = time.perf_counter()
+        fit = fit_model(emb_dir, model_dir, _fit_config(args))
+        timings[f"fit {choice.name}"] = time.perf_counter() - t
+        _say(f"[2/4] fitted {fit.fitted} scopes ({fit.skipped} resumed) in "
+             f"{timings[f'fit {choice.name}']:.1f}s -> {model_dir}")
+        t = time.perf_counter()
+        scores_path = out / "scores" / f"{choice.name}.parquet"
+        res = score_embeddings(model_dir, emb_dir, scores_path, index=args.index, splits=["test"])
+        timings[f"score {choice.name}"] = time.perf_counter() - t
+        _say(f"[3/4] scored {res['frames']} test frames in {timings[f'score {choice.name}']:.1f}s "
+             f"-> {scores_path}")
+        result = evaluate_run(scores_path, choice.name, args.threshold_mode, args.calib_fraction,
+                              args.seed)
+        report_dir = out / "report" / choice.name
+        summaries[choice.name] = write_report(report_dir, result, timings)
+        write_thresholds(model_dir, result["thresholds"])
+        _say(f"[4/4] report -> {report_dir / 'report.md'} (table.csv, summary.json); calibrated "
+             f"thresholds written to {model_dir / 'model.json'}")
+        _say((report_dir / "report.md").read_text())
+    return summaries
+
+
+def cmd_evaluate(args) -> dict:
+    from .frames import items_from_manifest
+
+    return run_pipeline(args, items_from_manifest(args.manifest), "dinov2-s14")
+
+
+def cmd_demo(args) -> dict:
+    from .frames import items_from_manifest, items_from_videos
+    from .synthetic import SceneConfig, generate_scene
+
+    out = Path(args.out)
+    scene = generate_scene(out / "scene", SceneConfig(frames_per_clip=args.frames_per_clip,
+                                                      seed=args.seed))
+    _say(f"generated a walkway scene: training videos in {scene['train_videos']}, labelled test "
+         f"frames in {scene['test_manifest']}")
+    items = items_from_videos([scene["train_videos"]], "train", label=0, fps=0) + \
+        items_from_manifest(scene["test_manifest"])
+    if args.k_max is None:
+        args.k_max = 4
+    return run_pipeline(args, items, "tiny-dinov2")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "backbones":
+        from .backbones import get_spec, list_backbones
+
+        for name in list_backbones():
+            spec = get_spec(name)
+            _say(f"{name:18s} {spec.source or '(random)':40s} {spec.description}")
+        return 0
+    handler = {"embed": cmd_embed, "fit": cmd_fit, "score": cmd_score,
+               "evaluate": cmd_evaluate, "demo": cmd_demo}[args.command]
+    try:
+        handler(args)
+    except (FileNotFoundError, ValueError, RuntimeError, KeyError) as exc:
+        print(f"vitad {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""The Ray Data embedding pipeline: source items -> decode + resize (CPU tasks) -> one embedder
+actor pool per backbone -> Parquet per the embeddings contract.
+
+The driver is the single writer: it streams the pipeline's output, writes each frame once (a
+re-run, or a block retried after a node failure, never duplicates a frame) and records every
+frame that could not be decoded in ``errors.csv``.
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .backbones import create_backbone, get_spec, weights_fingerprint
+from .embeddings import EmbeddingWriter, write_metadata
+from .frames import ID_COLUMNS, decode_item
+from .progress import Progress
+from .versions import package_versions
+
+ERRORS_FILE = "errors.csv"
+
+
+@dataclass(frozen=True)
+class BackboneChoice:
+    name: str
+    weights: str | None = None
+    image_size: int | None = None
+
+    @property
+    def spec(self):
+        return get_spec(self.name, self.image_size)
+
+
+@dataclass
+class EmbedResult:
+    out_dirs: dict[str, Path]
+    written: int = 0
+    already_present: int = 0
+    errors: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def decode_batch(batch: dict, sizes: tuple[int, ...]) -> dict:
+    """Ray Data batch function: source items in, frame rows out (one item may give many rows)."""
+    keys = list(batch)
+    rows = []
+    for i in range(len(batch[keys[0]])):
+        item = {k: (batch[k][i].item() if hasattr(batch[k][i], "item") else batch[k][i])
+                for k in keys}
+        rows.extend(decode_item(item, sizes))
+    return _columns(rows, sizes)
+
+
+def _columns(rows: list[dict], sizes: tuple[int, ...]) -> dict:
+    out = {}
+    for key in (*ID_COLUMNS, "error", "source"):
+        values = [r[key] for r in rows]
+        out[key] = np.asarray(values, dtype=object if isinstance(values[0], str) else None) \
+            if values else np.asarray([], dtype=object)
+    for size in sizes:
+        key = f"pixels_{size}"
+        out[key] = np.stack([r[key] for r in rows]) if rows else np.zeros((0, size, size, 3), np.uint8)
+    return out
+
+
+class Embedder:
+    """Ray Data actor: holds one backbone and embeds batches of decoded frames."""
+
+    def __init__(self, name: str, weights: str | None, image_size: int | None, threads: int):
+        import torch
+
+        torch.set_num_threads(max(1, threads))
+        self.backbone = create_backbone(name, weights, image_size)
+        self.prefix = f"emb.{name}"
+        self.size = self.backbone.spec.image_size
+
+    def __call__(self, batch: dict) -> dict:
+        pixels = batch[f"pixels_{self.size}"]
+        ok = np.asarray([not e for e in batch["error"]], bool)
+        n, dim, patches = len(pixels), self.backbone.dim, self.backbone.spec.num_patches
+        global_ = np.zeros((n, dim), np.float32)
+        local = np.zeros((n, patches, dim), np.float32)
+        if ok.any():
+            global_[ok], local[ok] = self.backbone.embed(pixels[ok])
+        batch[f"{self.prefix}.global"] = global_
+        batch[f"{self.prefix}.local"] = local
+        return batch
+
+
+def _cluster_cpus_gpus() -> tuple[int, int]:
+    import ray
+
+    res = ray.cluster_resources()
+    return int(res.get("CPU", 1)), int(res.get("GPU", 0))
+
+
+def build_dataset(items: list[dict], choices: list[BackboneChoice], batch_size: int,
+                  actors_per_backbone: int | None, threads_per_actor: int | None):
+    import ray
+
+    cpus, gpus = _cluster_cpus_gpus()
+    sizes = tuple(sorted({c.spec.image_size for c in choices}))
+    n_blocks = max(1, min(len(items), 4 * cpus, max(1, len(items) // 8)))
+    ds = ray.data.from_items(items, override_num_blocks=n_blocks)
+    ds = ds.map_batches(decode_batch, fn_kwargs={"sizes": sizes}, batch_size=8,
+                        batch_format="numpy")
+    for choice in choices:
+        gpus_each = 1 if gpus else 0
+        n_actors = actors_per_backbone or max(1, gpus // len(choices) if gpus else 1)
+        threads = threads_per_actor or max(1, cpus // max(1, n_actors * len(choices)))
+        ds = ds.map_batches(
+            Embedder,
+            fn_constructor_kwargs={"name": choice.name, "weights": choice.weights,
+                                   "image_size": choice.image_size, "threads": threads},
+            batch_size=batch_size, batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=n_actors),
+            num_gpus=gpus_each, num_cpus=1 if not gpus_each else 0.5)
+    return ds.drop_columns([f"pixels_{s}" for s in sizes])
+
+
+def run_embedding(items: list[dict], choices: list[BackboneChoice], out_root: str | Path,
+                  batch_size: int = 32, actors_per_backbone: int | None = None,
+                  threads_per_actor: int | None = None, show_progress: bool = True) -> EmbedResult:
+    """Embed every item with every backbone; resumes by skipping frames already written."""
+    out_root = Path(out_root)
+    writers = {c.name: EmbeddingWriter(out_root / c.name) for c in choices}
+    done = set.intersection(*(w.existing_frame_ids() for w in writers.values()))
+    result = EmbedResult(out_dirs={c.name: out_root / c.name for c in choices})
+    # Image items know their frame id in advance; video frames are deduplicated as they arrive.
+    todo = [it for it in items
+            if it["kind"] != "image" or f"{it['clip']}/{it['frame_index']}" not in done]
+    result.already_present = len(items) - len(todo) if done else 0
+    start = time.perf_counter()
+    written_ids = {name: w.existing_frame_ids() for name, w in writers.items()}
+    metadata_written: set[str] = set()
+    progress = Progress("embed", total=sum(it["kind"] == "image" for it in todo) or None,
+                        enabled=show_progress)
+    if todo:
+        ds = build_dataset(todo, choices, batch_size, actors_per_backbone, threads_per_actor)
+        for batch in ds.iter_batches(batch_size=256, batch_format="numpy"):
+            bad = np.asarray([bool(e) for e in batch["error"]])
+            for i in np.flatnonzero(bad):
+                result.errors.append({"source": batch["source"][i], "frame_id": batch["frame_id"][i],
+                                      "clip": batch["clip"][i], "reason": batch["error"][i]})
+            for choice in choices:
+                keep = ~bad & np.asarray([f not in written_ids[choice.name]
+                                          for f in batch["frame_id"]])
+                if not keep.any():
+                    continue
+                rows = {k: batch[k][keep] for k in ID_COLUMNS}
+                global_ = batch[f"emb.{choice.name}.global"][keep]
+                local = batch[f"emb.{choice.name}.local"][keep]
+                if choice.name not in metadata_written:
+                    write_metadata(out_root / choice.name, _metadata(choice, global_, local))
+                    metadata_written.add(choice.name)
+                writers[choice.name].write(rows, global_, local)
+                written_ids[choice.name].update(rows["frame_id"])
+            result.written += int((~bad).sum())
+            progress.update(len(bad), f"{len(result.errors)} skipped")
+    progress.close()
+    _write_errors(out_root / ERRORS_FILE, result.errors)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _metadata(choice: BackboneChoice, global_: np.ndarray, local: np.ndarray) -> dict:
+    spec = choice.spec
+    return {
+        "backbone": spec.name,
+        "family": spec.family,
+        **weights_fingerprint(spec, choice.weights),
+        "dim": int(global_.shape[1]),
+        "num_patches": int(local.shape[1]),
+        "grid": spec.grid,
+        "image_size": spec.image_size,
+        "patch_size": spec.patch_size,
+        "global_pool": spec.global_pool,
+        "preprocessing": {"resize": f"{spec.image_size}x{spec.image_size} bicubic, whole frame, "
+                                    "no centre crop", "mean": spec.mean, "std": spec.std},
+        "versions": package_versions(),
+    }
+
+
+def _write_errors(path: Path, errors: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["source", "frame_id", "clip", "reason"])
+        writer.writeheader()
+        writer.writerows(errors)

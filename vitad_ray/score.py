@@ -1,0 +1,259 @@
+"""Batched scoring of frames against every scope of a model, voting, and the scores table.
+
+A batch of B frames is scored with one neighbour search per scope for all B frames together:
+either one Chroma HNSW query per collection (``index="chroma"``) or one stacked matmul over all
+scopes (``index="exact"``, torch, GPU when present). The same search serves k-Means (nearest
+vector) and HDBSCAN (its 2 * min_samples neighbours).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .embeddings import _fixed_list, _to_numpy, identity_table
+from .fit import stack_scopes
+from .frames import ID_COLUMNS
+from .hdbscan_predict import load_state, membership_from_neighbors
+from .knn import knn_stacked
+from .modeldir import hdbscan_path, read_model_json, shard_locations
+from .normality import knnn_confidence, knnn_ratio
+from .progress import Progress
+from .store import GLOBAL, ScopeStore, collection_name, scope_names
+
+INDEXES = ("exact", "chroma")
+METHODS = ("kmeans", "hdbscan")
+
+
+def majority_anomalous(n_anomalous: np.ndarray, n_patches: int) -> np.ndarray:
+    """The paper's local decision: anomalous if #anomalous patches >= #normal patches."""
+    n_anomalous = np.asarray(n_anomalous)
+    return n_anomalous >= n_patches - n_anomalous
+
+
+def vote_score(patch_conf: np.ndarray) -> np.ndarray:
+    """A frame score whose threshold t gives exactly the majority vote at patch threshold t.
+
+    #patches >= t reaches ceil(P/2) exactly when the ceil(P/2)-th largest confidence is >= t.
+    """
+    p = patch_conf.shape[1]
+    k = math.ceil(p / 2)
+    return np.partition(patch_conf, p - k, axis=1)[:, p - k]
+
+
+class ModelScorer:
+    """Holds a model's scopes (all, or a subset for one shard) and scores batches of frames."""
+
+    def __init__(self, model_dir: str | os.PathLike, index: str = "exact",
+                 scopes: list[str] | None = None, hdbscan: bool = True, device: str | None = None):
+        if index not in INDEXES:
+            raise ValueError(f"index must be one of {INDEXES}, got {index!r}")
+        self.model_dir = Path(model_dir)
+        self.doc = read_model_json(model_dir)
+        self.index, self.device = index, device
+        self.backbone = self.doc["backbone"]
+        self.num_patches = int(self.doc["embeddings"]["num_patches"])
+        all_scopes = scope_names(self.num_patches)
+        self.scopes = list(scopes) if scopes is not None else all_scopes
+        self._scope_pos = [all_scopes.index(s) for s in self.scopes]
+        self.hdbscan = hdbscan and bool(self.doc["params"].get("hdbscan"))
+        self._stores: dict[str, ScopeStore] = {}
+        self._store_of: dict[str, ScopeStore] = {}
+        for loc, owned in shard_locations(model_dir, self.doc):
+            wanted = [s for s in owned if s in self.scopes]
+            if wanted:
+                store = self._stores.setdefault(loc, ScopeStore(loc))
+                for s in wanted:
+                    self._store_of[s] = store
+        self._load()
+
+    def _load(self) -> None:
+        vectors, loc_dens = [], []
+        for scope in self.scopes:
+            _, vecs, _, dens = self._store_of[scope].read_scope(collection_name(self.backbone, scope))
+            expected = self.doc["scopes"][scope]["train_count"]
+            if len(vecs) != expected:
+                raise RuntimeError(f"store for scope {scope} holds {len(vecs)} vectors, model.json "
+                                   f"says {expected}: the store is incomplete; re-run `vitad fit`")
+            vectors.append(vecs)
+            loc_dens.append(dens)
+        import torch
+
+        self.train_ = torch.from_numpy(np.stack(vectors))  # [S, N, D]
+        self.train_sqnorm_ = (self.train_ ** 2).sum(-1)
+        self.loc_dens_ = np.stack(loc_dens)  # [S, N]
+        self.hdbscan_states_ = ([load_state(hdbscan_path(self.model_dir, s)) for s in self.scopes]
+                                if self.hdbscan else [])
+        self.k_neighbors = max([1] + [2 * st.min_samples for st in self.hdbscan_states_])
+
+    def _queries(self, global_: np.ndarray, local: np.ndarray) -> np.ndarray:
+        stacked = stack_scopes(global_, local)  # [1 + P, B, D]
+        return stacked[self._scope_pos]
+
+    def neighbors(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(distance [S, B, k], fit-order row [S, B, k]) from the chosen index."""
+        if self.index == "exact":
+            return knn_stacked(queries, self.train_, k=k, train_sqnorm=self.train_sqnorm_,
+                               device=self.device)
+        dist = np.empty((len(self.scopes), queries.shape[1], k), np.float32)
+        rows = np.empty_like(dist, dtype=np.int64)
+        for s, scope in enumerate(self.scopes):
+            dist[s], rows[s] = self._store_of[scope].query_nearest(
+                collection_name(self.backbone, scope), queries[s], k)
+        return dist, rows
+
+    def score(self, global_: np.ndarray, local: np.ndarray, methods=METHODS) -> dict:
+        """Per scope and frame: k-Means confidence, d, ratio; HDBSCAN confidence. [S, B] each."""
+        queries = self._queries(global_, local)
+        use_hdbscan = self.hdbscan and "hdbscan" in methods
+        dist, rows = self.neighbors(queries, self.k_neighbors if use_hdbscan else 1)
+        d = dist[:, :, 0]
+        loc = np.take_along_axis(self.loc_dens_, rows[:, :, 0], axis=1)
+        out = {"kmeans": knnn_confidence(d, loc), "kmeans_d": d, "kmeans_ratio": knnn_ratio(d, loc)}
+        if use_hdbscan:
+            out["hdbscan"] = np.stack([
+                1.0 - membership_from_neighbors(state, rows[s], dist[s])
+                for s, state in enumerate(self.hdbscan_states_)]).astype(np.float32)
+        return out
+
+
+def frame_results(scores: dict, scopes: list[str], thresholds: dict) -> dict:
+    """Scores per frame, split into the global scope and the patch grid, with decisions."""
+    out = {}
+    has_global = GLOBAL in scopes
+    patch_pos = [i for i, s in enumerate(scopes) if s != GLOBAL]
+    for method in METHODS:
+        if method not in scores:
+            continue
+        conf = scores[method]
+        t = thresholds[method]
+        if has_global:
+            g = conf[scopes.index(GLOBAL)]
+            out[f"global_{method}"] = g
+            out[f"global_{method}_anomalous"] = g >= t["global"]
+        if patch_pos:
+            local = conf[patch_pos].T  # [B, P]
+            n_anom = (local >= t["patch"]).sum(axis=1)
+            out[f"local_{method}"] = local
+            out[f"local_{method}_n_anomalous"] = n_anom.astype(np.int32)
+            out[f"local_{method}_anomalous"] = majority_anomalous(n_anom, local.shape[1])
+    for extra in ("kmeans_d", "kmeans_ratio"):
+        if has_global:
+            out[f"global_{extra}"] = scores[extra][scopes.index(GLOBAL)]
+        if patch_pos:
+            out[f"local_{extra}"] = scores[extra][patch_pos].T
+    return out
+
+
+def write_scores(path: str | os.PathLike, ids: dict, results: dict) -> None:
+    columns = identity_table(ids)
+    for name, values in results.items():
+        values = np.asarray(values)
+        if values.ndim == 1:
+            columns[name] = pa.array(values)
+        else:
+            columns[name] = _fixed_list(values)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    pq.write_table(pa.table(columns), tmp)
+    os.replace(tmp, path)
+
+
+def read_scores(path: str | os.PathLike) -> tuple["pd.DataFrame", dict]:
+    """(identity + scalar columns as a DataFrame, {list column: numpy array [N, P]})."""
+    table = pq.read_table(path)
+    scalar = [f.name for f in table.schema if not pa.types.is_fixed_size_list(f.type)]
+    arrays = {f.name: _to_numpy(table.column(f.name), (f.type.list_size,))
+              for f in table.schema if pa.types.is_fixed_size_list(f.type)}
+    return table.select(scalar).to_pandas(), arrays
+
+
+def score_table_batches(scorer: ModelScorer, ids, global_: np.ndarray, local: np.ndarray,
+                        batch_size: int, thresholds: dict, methods=METHODS,
+                        show_progress: bool = False) -> dict:
+    """Score many frames in batches; returns the concatenated frame results."""
+    parts = []
+    progress = Progress("score", total=len(global_), enabled=show_progress)
+    for lo in range(0, len(global_), batch_size):
+        hi = min(len(global_), lo + batch_size)
+        scores = scorer.score(global_[lo:hi], local[lo:hi], methods)
+        parts.append(frame_results(scores, scorer.scopes, thresholds))
+        progress.update(hi - lo)
+    progress.close()
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
+
+
+class ScoreActor:
+    """Ray Data actor: one ModelScorer, scoring Arrow batches of the embeddings dataset."""
+
+    def __init__(self, model_dir: str, index: str, methods: tuple, thresholds: dict, dim: int,
+                 num_patches: int, threads: int):
+        import torch
+
+        torch.set_num_threads(max(1, threads))
+        self.scorer = ModelScorer(model_dir, index=index, hdbscan="hdbscan" in methods)
+        self.methods, self.thresholds = methods, thresholds
+        self.dim, self.num_patches = dim, num_patches
+
+    def __call__(self, batch: pa.Table) -> dict:
+        global_ = _to_numpy(batch.column("global"), (self.dim,))
+        local = _to_numpy(batch.column("local"), (self.num_patches, self.dim))
+        scores = self.scorer.score(global_, local, self.methods)
+        out = {k: batch.column(k).to_numpy(zero_copy_only=False) for k in ID_COLUMNS}
+        out.update(frame_results(scores, self.scorer.scopes, self.thresholds))
+        return out
+
+
+def score_embeddings(model_dir: str | os.PathLike, emb_dir: str | os.PathLike,
+                     out_path: str | os.PathLike, index: str = "exact", batch_size: int = 64,
+                     splits: list[str] | None = None, clips: list[str] | None = None,
+                     methods=METHODS, actors: int = 1, show_progress: bool = True) -> dict:
+    """Score every frame of an embeddings folder with a Ray Data actor pool; writes Parquet."""
+    import ray
+
+    from .embeddings import read_metadata
+
+    doc = read_model_json(model_dir)
+    meta = read_metadata(emb_dir)
+    if meta["weights_sha256"] != doc["embeddings"]["weights_sha256"] or \
+            meta["backbone"] != doc["backbone"]:
+        raise ValueError(f"{emb_dir} was embedded with {meta['backbone']} "
+                         f"({meta['weights_sha256'][:12]}), the model with {doc['backbone']} "
+                         f"({doc['embeddings']['weights_sha256'][:12]})")
+    thresholds = doc["thresholds"]
+    start = time.perf_counter()
+    parts = sorted(str(p) for p in Path(emb_dir).glob("part-*.parquet"))
+    filters = []
+    if splits:
+        filters.append(("split", "in", list(splits)))
+    if clips:
+        filters.append(("clip", "in", list(clips)))
+    table = pq.read_table(parts, filters=filters or None)
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    ds = ray.data.from_arrow(table).repartition(max(1, min(len(table) // batch_size + 1, 4 * actors)))
+    ds = ds.map_batches(
+        ScoreActor, batch_format="pyarrow", batch_size=batch_size,
+        fn_constructor_kwargs={"model_dir": str(Path(model_dir).resolve()), "index": index,
+                               "methods": tuple(methods), "thresholds": thresholds,
+                               "dim": int(meta["dim"]), "num_patches": int(meta["num_patches"]),
+                               "threads": max(1, cpus // actors)},
+        compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1)
+    progress = Progress("score", total=len(table), enabled=show_progress)
+    chunks = []
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        chunks.append(batch)
+        progress.update(len(batch["frame_id"]))
+    progress.close()
+    merged = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+    order = np.lexsort((merged["frame_index"], merged["clip"]))
+    merged = {k: v[order] for k, v in merged.items()}
+    ids = {k: merged.pop(k) for k in ID_COLUMNS}
+    write_scores(out_path, ids, merged)
+    return {"frames": len(order), "seconds": time.perf_counter() - start, "path": str(out_path)}
