@@ -146,9 +146,11 @@ def run_embedding(items: list[dict], choices: list[BackboneChoice], out_root: st
             for i in np.flatnonzero(bad):
                 result.errors.append({"source": batch["source"][i], "frame_id": batch["frame_id"][i],
                                       "clip": batch["clip"][i], "reason": batch["error"][i]})
+            new_frames = set()
             for choice in choices:
                 keep = ~bad & np.asarray([f not in written_ids[choice.name]
                                           for f in batch["frame_id"]])
+                new_frames.update(batch["frame_id"][keep])
                 if not keep.any():
                     continue
                 rows = {k: batch[k][keep] for k in ID_COLUMNS}
@@ -159,7 +161,7 @@ def run_embedding(items: list[dict], choices: list[BackboneChoice], out_root: st
                     metadata_written.add(choice.name)
                 writers[choice.name].write(rows, global_, local)
                 written_ids[choice.name].update(rows["frame_id"])
-            result.written += int((~bad).sum())
+            result.written += len(new_frames)
             progress.update(len(bad), f"{len(result.errors)} skipped")
     progress.close()
     _write_errors(out_root / ERRORS_FILE, result.errors)

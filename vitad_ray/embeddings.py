@@ -1,7 +1,7 @@
 """The embeddings contract: a Parquet dataset per backbone, readable with plain pyarrow.
 
 Columns: the frame identity columns, ``global`` (float32 [D]) and ``local`` (float32 [P, D]),
-stored as fixed-size lists. ``metadata.json`` beside the parts names the backbone, its weights,
+stored as fixed-size lists. ``_metadata.json`` beside the parts names the backbone, its weights,
 D, the image size, the preprocessing and package versions.
 """
 
@@ -18,7 +18,9 @@ import pyarrow.parquet as pq
 
 from .frames import ID_COLUMNS
 
-METADATA_FILE = "metadata.json"
+# A leading "_" (and "." for unfinished parts) keeps pyarrow's dataset discovery from reading
+# these files as data: `pq.read_table(folder)` sees the parts only.
+METADATA_FILE = "_metadata.json"
 
 
 def _fixed_list(values: np.ndarray) -> pa.Array:
@@ -66,7 +68,7 @@ class EmbeddingWriter:
         columns["global"] = _fixed_list(global_)
         columns["local"] = _fixed_list(local)
         path = self.out_dir / f"part-{self._next_part:05d}.parquet"
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_name(f".{path.name}.tmp")
         pq.write_table(pa.table(columns), tmp)
         os.replace(tmp, path)  # a crash never leaves half a part behind
         self._next_part += 1

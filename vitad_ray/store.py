@@ -85,6 +85,13 @@ class ScopeStore:
                                 for j, (c, d) in enumerate(zip(cluster[lo:hi], loc_dens[lo:hi]))])
         self._collections[name] = coll
 
+    def close(self) -> None:
+        """Let go of this process's cached Chroma systems, so another process may write."""
+        from chromadb.api.shared_system_client import SharedSystemClient
+
+        self._collections.clear()
+        SharedSystemClient.clear_system_cache()
+
     def count(self, name: str) -> int:
         try:
             return self._collection(name).count()

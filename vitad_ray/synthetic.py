@@ -2,7 +2,7 @@
 
 Normal: 1-3 walkers moving along the path. Anomalous: an intruder walking across the grass, or a
 foreign object (a red cart) rolling along the path. Training clips are written as MP4 videos
-(decoded again through PyAV like any camera recording); test clips as JPEG folders with a
+(decoded again through PyAV like any camera recording); test clips as PNG folders with a
 manifest carrying frame labels.
 """
 
@@ -30,16 +30,17 @@ def _background(rng: np.random.Generator) -> np.ndarray:
     return img
 
 
-def _walker(img: np.ndarray, x: float, y: float, shade: float) -> None:
+def _walker(img: np.ndarray, x: float, y: float, colour, scale: float = 1.0) -> None:
     yy, xx = np.ogrid[:HEIGHT, :WIDTH]
-    body = ((xx - x) / 4.0) ** 2 + ((yy - y) / 9.0) ** 2 <= 1.0
-    head = (xx - x) ** 2 + (yy - (y - 12)) ** 2 <= 9.0
-    img[body | head] = (shade, shade * 0.9, shade * 1.1)
+    body = ((xx - x) / (4.0 * scale)) ** 2 + ((yy - y) / (9.0 * scale)) ** 2 <= 1.0
+    head = (xx - x) ** 2 + (yy - (y - 12 * scale)) ** 2 <= 9.0 * scale ** 2
+    img[body | head] = colour
 
 
 def _cart(img: np.ndarray, x: float, y: float) -> None:
-    x0, y0 = int(x) - 12, int(y) - 8
-    img[max(0, y0):y0 + 14, max(0, x0):max(0, x0 + 24)] = (200, 30, 30)
+    x0, y0 = int(x) - 20, int(y) - 16
+    img[max(0, y0):y0 + 26, max(0, x0):max(0, x0 + 40)] = (220, 40, 30)
+    img[max(0, y0 + 4):y0 + 12, max(0, x0 + 4):max(0, x0 + 36)] = (240, 240, 240)
 
 
 @dataclass
@@ -61,11 +62,12 @@ def render_clip(bg: np.ndarray, n_frames: int, rng: np.random.Generator,
     for t in range(n_frames):
         img = bg.copy()
         for x, y, vx, shade in walkers:
-            _walker(img, (x + vx * t) % WIDTH, y, shade)
+            _walker(img, (x + vx * t) % WIDTH, y, (shade, shade * 0.9, shade * 1.1))
         anomalous = anomaly is not None and t >= start
         if anomalous and anomaly == "intruder":
-            # Crosses the lawn from the top edge to the bottom edge, off the path.
-            _walker(img, 120 + 0.5 * (t - start), 15 + 3.0 * (t - start) % 150, 30)
+            # A person in a high-visibility vest crossing the lawn, off the path.
+            _walker(img, 120 + 2.0 * (t - start), 20 + (2.0 * (t - start)) % 45, (230, 160, 30),
+                    scale=1.4)
         elif anomalous and anomaly == "cart":
             _cart(img, (5 + 4.0 * (t - start)) % WIDTH, (PATH_TOP + PATH_BOTTOM) / 2)
         img += rng.normal(0, 3, img.shape)  # sensor noise
@@ -79,9 +81,11 @@ def write_video(path: Path, frames: list[np.ndarray], fps: float) -> None:
     from fractions import Fraction
 
     with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=Fraction(fps).limit_denominator(1000))
-        stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, "yuv420p"
-        stream.options = {"qscale": "2"}
+        # Lossless H.264 (RGB): training and test frames must differ in content only, not in
+        # codec artefacts, or every test patch would look novel.
+        stream = container.add_stream("libx264rgb", rate=Fraction(fps).limit_denominator(1000))
+        stream.width, stream.height, stream.pix_fmt = frames[0].shape[1], frames[0].shape[0], "rgb24"
+        stream.options = {"crf": "0"}
         for frame in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)
@@ -90,7 +94,7 @@ def write_video(path: Path, frames: list[np.ndarray], fps: float) -> None:
 
 
 def generate_scene(out_dir: str | Path, cfg: SceneConfig | None = None) -> dict:
-    """Writes train/*.mp4, test/<clip>/*.jpg and test_manifest.csv; returns their paths."""
+    """Writes train/*.mp4, test/<clip>/*.png and test_manifest.csv; returns their paths."""
     from PIL import Image
 
     cfg = cfg or SceneConfig()
@@ -109,8 +113,8 @@ def generate_scene(out_dir: str | Path, cfg: SceneConfig | None = None) -> dict:
         clip_dir = out / "test" / f"{c + 1:02d}"
         clip_dir.mkdir(parents=True, exist_ok=True)
         for i, (frame, label) in enumerate(zip(frames, labels)):
-            rel = f"test/{c + 1:02d}/{i:03d}.jpg"
-            Image.fromarray(frame).save(out / rel, quality=95)
+            rel = f"test/{c + 1:02d}/{i:03d}.png"
+            Image.fromarray(frame).save(out / rel)
             rows.append({"split": "test", "clip": f"{c + 1:02d}", "frame_index": i,
                          "label": label, "path": rel})
     manifest = out / "test_manifest.csv"

@@ -1,0 +1,72 @@
+import numpy as np
+import pytest
+
+from vitad_ray.backbones import (create_backbone, get_spec, list_backbones, resolve_weights,
+                                 weights_fingerprint)
+
+from .conftest import DINOV2_S
+
+
+def test_registry_holds_the_papers_backbones():
+    names = list_backbones()
+    for name in ("vit-h14-in21k", "dinov2-l14", "ijepa-h14", "dinov2-s14", "dinov2-b14"):
+        assert name in names
+    assert get_spec("ijepa-h14").global_pool == "mean"
+    assert get_spec("vit-h14-in21k").source == "vit_huge_patch14_224.orig_in21k"
+    assert get_spec("dinov2-l14").num_patches == 256
+    assert get_spec("dinov2-l14", image_size=448).grid == 32
+    with pytest.raises(KeyError, match="unknown backbone"):
+        get_spec("resnet50")
+    with pytest.raises(ValueError, match="multiple"):
+        get_spec("dinov2-s14", image_size=230)
+
+
+@pytest.mark.parametrize("name,prefix", [("tiny-dinov2", 1), ("tiny-dinov2-reg", 5),
+                                         ("tiny-ijepa", 0), ("tiny-vit", 1)])
+def test_tiny_backbones_give_global_and_256_patches(name, prefix):
+    bb = create_backbone(name, device="cpu")
+    frames = np.random.default_rng(0).integers(0, 255, (3, 224, 224, 3), dtype=np.uint8)
+    g, loc = bb.embed(frames)
+    assert g.shape == (3, 32) and loc.shape == (3, 256, 32)
+    assert bb.num_prefix_tokens == prefix  # CLS and registers are not patches
+    g2, _ = create_backbone(name, device="cpu").embed(frames)
+    np.testing.assert_array_equal(g, g2)  # random weights are seeded: every actor agrees
+
+
+def test_ijepa_global_is_mean_of_patches():
+    bb = create_backbone("tiny-ijepa", device="cpu")
+    g, loc = bb.embed(np.zeros((1, 224, 224, 3), np.uint8) + 100)
+    np.testing.assert_allclose(g, loc.mean(axis=1), rtol=1e-5, atol=1e-6)
+
+
+def test_patch_grid_follows_input_size():
+    bb = create_backbone("tiny-dinov2", image_size=448, device="cpu")
+    _, loc = bb.embed(np.zeros((1, 448, 448, 3), np.uint8))
+    assert loc.shape == (1, 1024, 32)
+    with pytest.raises(ValueError, match="expected frames"):
+        bb.embed(np.zeros((1, 224, 224, 3), np.uint8))
+
+
+def test_weights_load_from_a_local_directory(tmp_path):
+    bb = create_backbone("tiny-dinov2", device="cpu")
+    bb.model.save_pretrained(tmp_path)
+    again = create_backbone("tiny-dinov2", weights=str(tmp_path), device="cpu")
+    frames = np.full((1, 224, 224, 3), 77, np.uint8)
+    np.testing.assert_allclose(bb.embed(frames)[1], again.embed(frames)[1], atol=1e-6)
+    fp = weights_fingerprint(get_spec("tiny-dinov2"), str(tmp_path))
+    assert fp["weights"] == str(tmp_path) and len(fp["weights_sha256"]) == 64
+    assert fp == weights_fingerprint(get_spec("tiny-dinov2"), str(tmp_path))
+
+
+def test_missing_hub_weights_fail_with_a_clear_message():
+    # HF_HUB_OFFLINE=1 (conftest): the hub id resolves through the cache only.
+    with pytest.raises(RuntimeError, match="--weights"):
+        resolve_weights(get_spec("dinov2-l14"), None)
+
+
+@pytest.mark.skipif(not DINOV2_S.exists(), reason="shared DINOv2-S weights not present")
+def test_real_dinov2_small_weights_load():
+    bb = create_backbone("dinov2-s14", weights=str(DINOV2_S), device="cpu")
+    g, loc = bb.embed(np.full((1, 224, 224, 3), 128, np.uint8))
+    assert g.shape == (1, 384) and loc.shape == (1, 256, 384)
+    assert np.isfinite(loc).all() and loc.std() > 0.1

@@ -1,0 +1,87 @@
+import csv
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vitad_ray.frames import (decode_item, items_from_frame_folder, items_from_manifest,
+                              items_from_videos, sample_video, split_clips)
+from vitad_ray.synthetic import write_video
+
+
+def _frames(n, w=64, h=48):
+    return [np.full((h, w, 3), 10 * i % 256, np.uint8) for i in range(n)]
+
+
+def test_video_sampled_at_requested_fps(tmp_path):
+    path = tmp_path / "clip.mp4"
+    frames = _frames(30)
+    frames = [np.pad(f, ((0, 112), (0, 176), (0, 0))) for f in frames]  # 240x160
+    write_video(path, frames, fps=10.0)
+    every = list(sample_video(path, None))
+    assert len(every) == 30
+    half = list(sample_video(path, 5.0))
+    assert [n for n, _, _ in half] == list(range(0, 30, 2))
+    assert [round(t, 2) for _, t, _ in half[:3]] == [0.0, 0.2, 0.4]
+    paper = list(sample_video(path, 4.17))
+    assert len(paper) == 13  # 3 s at 4.17 fps
+    item = items_from_videos([tmp_path], split="train", fps=5.0)
+    assert len(item) == 1 and item[0]["clip"] == "clip" and item[0]["kind"] == "video"
+    rows = list(decode_item(item[0], (224,)))
+    assert len(rows) == 15 and rows[2]["frame_id"] == "clip/4"
+    assert rows[0]["pixels_224"].shape == (224, 224, 3) and not rows[0]["error"]
+
+
+def test_whole_frame_is_resized_not_cropped(tmp_path):
+    img = np.zeros((100, 300, 3), np.uint8)
+    img[:, -20:] = 255  # content at the right edge must survive
+    Image.fromarray(img).save(tmp_path / "000.png")
+    item = items_from_frame_folder(tmp_path, split="test")[0]
+    row = next(decode_item(item, (224,)))
+    assert row["pixels_224"].shape == (224, 224, 3)
+    assert row["pixels_224"][:, -5:].mean() > 200 and row["pixels_224"][:, :100].mean() < 5
+
+
+def test_corrupt_inputs_are_reported_not_dropped(tmp_path):
+    good = tmp_path / "c1"
+    good.mkdir()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(good / "000.jpg")
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(good / "001.jpg")
+    data = (good / "001.jpg").read_bytes()
+    (good / "001.jpg").write_bytes(data[: len(data) // 2])  # truncated JPEG
+    (good / "002.jpg").write_bytes(b"")  # empty
+    (good / "003.jpg").write_bytes(b"this is not an image")
+    (tmp_path / "bad.mp4").write_bytes(b"\x00" * 100)
+    items = items_from_frame_folder(tmp_path, split="train")
+    rows = [r for it in items for r in decode_item(it, (32,))]
+    assert len(rows) == 4
+    errors = {r["frame_id"]: r["error"] for r in rows if r["error"]}
+    assert set(errors) == {"c1/1", "c1/2", "c1/3"}
+    assert all(errors.values())
+    video_rows = list(decode_item(items_from_videos([tmp_path / "bad.mp4"])[0], (32,)))
+    assert len(video_rows) == 1 and video_rows[0]["error"].startswith("video")
+
+
+def test_manifest_keeps_splits_apart_and_filters(tmp_path):
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
+    with open(tmp_path / "m.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["split", "clip", "frame_index", "label", "path"])
+        w.writerow(["train", "01", 0, 0, "a.png"])
+        w.writerow(["test", "01", 0, 1, "a.png"])
+    items = items_from_manifest(tmp_path / "m.csv")
+    assert [i["clip"] for i in items] == ["train/01", "test/01"]
+    assert [i["label"] for i in items] == [0, 1]
+    assert len(items_from_manifest(tmp_path / "m.csv", splits=["test"])) == 1
+    (tmp_path / "bad.csv").write_text("clip,path\n01,a.png\n")
+    with pytest.raises(ValueError, match="lacks columns"):
+        items_from_manifest(tmp_path / "bad.csv")
+
+
+def test_split_is_by_clip_and_calibration_has_both_classes():
+    labels = {f"c{i}": np.array([0] * 5 + [1] * (i % 3) * 5) for i in range(9)}
+    held, rest = split_clips(labels, 1 / 3, seed=0)
+    assert len(held) == 3 and set(held).isdisjoint(rest) and set(held) | set(rest) == set(labels)
+    pooled = np.concatenate([labels[c] for c in held])
+    assert (pooled == 0).any() and (pooled == 1).any()
+    assert split_clips(labels, 1 / 3, seed=0) == (held, rest)

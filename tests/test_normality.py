@@ -1,0 +1,101 @@
+import numpy as np
+import pytest
+
+from vitad_ray.knn import knn, knn_stacked, pairwise_distances
+from vitad_ray.normality import (HDBSCANNormality, KMeansNormality, k_range, knnn_confidence,
+                                 knnn_ratio, local_density)
+
+
+def test_confidence_rule_hand_cases():
+    d = np.array([0.5, 2.0, 0.3, 0.0, 1.0])
+    loc = np.array([1.0, 1.0, 0.0, 0.0, 1.0])
+    np.testing.assert_allclose(knnn_confidence(d, loc), [0.5, 1.0, 1.0, 1.0, 1.0])
+    ratio = knnn_ratio(d, loc)
+    assert ratio[0] == pytest.approx(0.5) and ratio[1] == pytest.approx(2.0)
+    assert np.isinf(ratio[2]) and ratio[3] == 0.0
+
+
+def test_local_density_hand_computed():
+    # Cluster 0: seven points on a line (m = 5); cluster 1: three points (fewer than m others);
+    # cluster 2: a singleton.
+    x = np.array([0, 1, 2, 3, 4, 5, 6, 10, 12, 15, 100], np.float32)[:, None]
+    labels = np.array([0] * 7 + [1] * 3 + [2])
+    loc = local_density(x, labels, m=5)
+    assert loc[0] == pytest.approx((1 + 2 + 3 + 4 + 5) / 5)
+    assert loc[3] == pytest.approx((1 + 1 + 2 + 2 + 3) / 5)
+    assert loc[6] == pytest.approx(3.0)
+    assert loc[7] == pytest.approx((2 + 5) / 2)   # uses all its other members
+    assert loc[9] == pytest.approx((5 + 3) / 2)
+    assert loc[10] == 0.0                         # singleton
+
+
+def test_local_density_duplicates_give_zero_and_confidence_one():
+    x = np.zeros((6, 3), np.float32)
+    loc = local_density(x, np.zeros(6, int), m=5)
+    assert np.all(loc == 0)
+    est = KMeansNormality.from_state(x, np.zeros(6, int), loc)
+    assert np.all(est.score_samples(np.zeros((2, 3), np.float32)) == 1.0)
+
+
+def test_kmeans_confidence_is_distance_over_loc_dens_of_nearest():
+    rng = np.random.default_rng(0)
+    x = np.vstack([rng.normal(0, 1, (30, 4)), rng.normal(20, 1, (30, 4))]).astype(np.float32)
+    est = KMeansNormality(k_max=4).fit(x)
+    assert est.k_ == 2
+    q = np.vstack([x[:3] + 0.01, rng.normal(10, 1, (3, 4))]).astype(np.float32)
+    conf = est.score_samples(q)
+    brute = np.linalg.norm(q[:, None] - x[None], axis=-1)
+    nn = brute.argmin(1)
+    expected = np.minimum(1.0, brute.min(1) / est.loc_dens_[nn])
+    np.testing.assert_allclose(conf, expected, rtol=1e-5)
+    assert np.all(conf[3:] == 1.0) and np.all(conf[:3] < 0.2)
+
+
+@pytest.mark.parametrize("true_k", [3, 5])
+def test_silhouette_chooses_k_of_blobs(true_k):
+    from sklearn.datasets import make_blobs
+
+    x, _ = make_blobs(400, n_features=16, centers=true_k, cluster_std=1.0, random_state=1)
+    est = KMeansNormality(k_max=8).fit(x.astype(np.float32))
+    assert est.k_ == true_k
+    assert set(est.silhouette_by_k_) == set(range(2, 9))
+    assert est.silhouette_ == max(est.silhouette_by_k_.values())
+
+
+def test_k_range_follows_training_clips():
+    assert k_range(16) == (2, 8)
+    assert k_range(3) == (2, 2)
+    assert k_range(400) == (2, 50)
+
+
+def test_hdbscan_matches_reference_approximate_predict():
+    import hdbscan
+    from sklearn.datasets import make_blobs
+
+    x, _ = make_blobs(600, n_features=32, centers=4, cluster_std=2.0, random_state=3)
+    x = x.astype(np.float32)
+    ours = HDBSCANNormality().fit(x)
+    ref = hdbscan.HDBSCAN(min_cluster_size=40, min_samples=40, prediction_data=True).fit(
+        x.astype(np.float64))
+    assert ours.n_clusters_ == ref.labels_.max() + 1 == 4
+    np.testing.assert_array_equal(ours.model_.labels_, ref.labels_)
+    rng = np.random.default_rng(0)
+    q = np.vstack([x[:50] + rng.normal(0, 1.0, (50, 32)), rng.normal(0, 30, (10, 32))])
+    _, strength = hdbscan.approximate_predict(ref, q.astype(np.float64))
+    np.testing.assert_allclose(ours.score_samples(q.astype(np.float32)), 1 - strength, atol=1e-6)
+    assert ours.score_samples(q[50:].astype(np.float32)).mean() > 0.9
+
+
+def test_exact_knn_matches_brute_force_and_refines_distances():
+    rng = np.random.default_rng(1)
+    train = rng.normal(0, 1, (3, 200, 24)).astype(np.float32)
+    queries = np.concatenate([train[:, :5] + 1e-4, rng.normal(0, 1, (3, 7, 24))], axis=1)
+    dist, idx = knn_stacked(queries.astype(np.float32), train, k=4)
+    for s in range(3):
+        brute = np.linalg.norm(queries[s][:, None].astype(np.float64) - train[s][None], axis=-1)
+        np.testing.assert_array_equal(idx[s], np.argsort(brute, axis=1)[:, :4])
+        np.testing.assert_allclose(dist[s], np.sort(brute, axis=1)[:, :4], rtol=1e-4, atol=1e-6)
+    d1, i1 = knn(queries[0], train[0], k=1)
+    assert d1.shape == (12, 1) and np.all(i1[:5, 0] == np.arange(5))
+    pd = pairwise_distances(train[0][:10])
+    assert np.allclose(np.diag(pd), 0) and np.allclose(pd, pd.T)

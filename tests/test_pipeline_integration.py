@@ -1,0 +1,197 @@
+"""embed -> fit -> score on a generated scene, on a real local Ray cluster with real Chroma."""
+
+import csv
+import json
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from vitad_ray.embed import BackboneChoice, run_embedding
+from vitad_ray.embeddings import load_embeddings
+from vitad_ray.fit import FitConfig, fit_model
+from vitad_ray.frames import items_from_manifest, items_from_videos
+from vitad_ray.metrics import auroc
+from vitad_ray.modeldir import read_model_json, scope_marker
+from vitad_ray.normality import local_density
+from vitad_ray.score import ModelScorer, read_scores, score_embeddings
+from vitad_ray.store import ScopeStore, scope_names
+from vitad_ray.synthetic import SceneConfig, generate_scene
+
+pytestmark = pytest.mark.integration
+TRAIN_CLIPS, TEST_CLIPS, FRAMES = 4, 2, 24
+
+
+@pytest.fixture(scope="module")
+def scene(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scene")
+    paths = generate_scene(root, SceneConfig(train_clips=TRAIN_CLIPS, test_clips=TEST_CLIPS,
+                                             frames_per_clip=FRAMES, seed=1))
+    # One unreadable frame in the test manifest: it must be reported and skipped.
+    (root / "test" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    with open(paths["test_manifest"], "a", newline="") as fh:
+        csv.writer(fh).writerow(["test", "01", 999, 1, "test/broken.jpg"])
+    items = items_from_videos([paths["train_videos"]], "train", label=0, fps=0) + \
+        items_from_manifest(paths["test_manifest"])
+    return {"root": root, "items": items}
+
+
+@pytest.fixture(scope="module")
+def embedded(ray_local, scene, tmp_path_factory):
+    out = tmp_path_factory.mktemp("emb")
+    choices = [BackboneChoice("tiny-dinov2"), BackboneChoice("tiny-ijepa")]
+    result = run_embedding(scene["items"], choices, out, batch_size=16, show_progress=False)
+    return {"out": out, "result": result, "choices": choices}
+
+
+@pytest.fixture(scope="module")
+def model(embedded, tmp_path_factory):
+    model_dir = tmp_path_factory.mktemp("model")
+    cfg = FitConfig(n_shards=2)
+    result = fit_model(embedded["out"] / "tiny-dinov2", model_dir, cfg, show_progress=False)
+    return {"dir": model_dir, "result": result, "cfg": cfg}
+
+
+def test_embedding_writes_every_frame_once_and_reports_the_broken_one(embedded, scene):
+    res = embedded["result"]
+    n_train, n_test = TRAIN_CLIPS * FRAMES, TEST_CLIPS * FRAMES
+    assert res.written == n_train + n_test
+    assert len(res.errors) == 1 and res.errors[0]["frame_id"] == "test/01/999"
+    errors_csv = (embedded["out"] / "errors.csv").read_text()
+    assert "broken.jpg" in errors_csv
+    for choice in embedded["choices"]:
+        folder = embedded["out"] / choice.name
+        table = pq.read_table(folder)  # plain pyarrow reads the contract
+        assert table.num_rows == n_train + n_test
+        assert len(set(table.column("frame_id").to_pylist())) == table.num_rows
+        meta = json.loads((folder / "_metadata.json").read_text())
+        assert meta["backbone"] == choice.name and meta["num_patches"] == 256
+        assert meta["dim"] == 32 and meta["image_size"] == 224 and meta["weights"] == "random"
+        emb = load_embeddings(folder, splits=["train"])
+        assert emb.local.shape == (n_train, 256, 32)
+        assert sorted(emb.ids["clip"].unique()) == [f"walk{i:02d}" for i in range(TRAIN_CLIPS)]
+    # Re-running is a resume: nothing is embedded twice.
+    again = run_embedding(scene["items"], embedded["choices"], embedded["out"], batch_size=16,
+                          show_progress=False)
+    assert again.written == 0 and again.already_present == n_test
+    assert pq.read_table(embedded["out"] / "tiny-dinov2").num_rows == n_train + n_test
+
+
+def test_fit_writes_257_collections_with_counts_and_metadata(model, embedded):
+    doc = read_model_json(model["dir"])
+    scopes = scope_names(256)
+    assert len(doc["scopes"]) == 257 and list(doc["scopes"]) == scopes
+    n_train = TRAIN_CLIPS * FRAMES
+    assert doc["params"]["k_max"] == max(2, TRAIN_CLIPS // 2)
+    assert all(s["train_count"] == n_train for s in doc["scopes"].values())
+    assert all(2 <= s["k"] <= doc["params"]["k_max"] for s in doc["scopes"].values())
+    assert len(doc["shards"]) == 2
+    assert sorted(doc["shards"][0]["scopes"] + doc["shards"][1]["scopes"]) == sorted(scopes)
+    emb = load_embeddings(embedded["out"] / "tiny-dinov2", splits=["train"])
+    total = 0
+    for shard in doc["shards"]:
+        store = ScopeStore(str(model["dir"] / shard["location"]))
+        names = {c.name for c in store.client.list_collections()}
+        assert names == {f"tiny-dinov2.{s}" for s in shard["scopes"]}
+        for scope in shard["scopes"]:
+            assert store.count(f"tiny-dinov2.{scope}") == n_train
+        total += len(names)
+        # Stored metadata are the estimator's: recompute loc_dens for one scope.
+        scope = shard["scopes"][-1]
+        ids, vecs, cluster, loc = store.read_scope(f"tiny-dinov2.{scope}")
+        p = scopes.index(scope)
+        expected_vecs = emb.global_ if scope == "global" else emb.local[:, p - 1]
+        np.testing.assert_array_equal(vecs, expected_vecs)
+        assert ids == emb.ids["frame_id"].tolist()
+        np.testing.assert_allclose(loc, local_density(vecs, cluster, 5), rtol=1e-5)
+        assert len(np.unique(cluster)) == doc["scopes"][scope]["k"]
+        store.close()
+    assert total == 257
+    assert len(list((model["dir"] / "hdbscan").glob("*.joblib"))) == 257
+
+
+def test_fit_resumes_without_redoing_finished_scopes(model, embedded):
+    doc_before = read_model_json(model["dir"])
+    lost = ["global", "patch-007", "patch-200"]
+    store = ScopeStore(str(model["dir"] / doc_before["shards"][0]["location"]))
+    before = store.read_scope("tiny-dinov2.global")
+    store.close()
+    for scope in lost[:2]:
+        scope_marker(model["dir"], scope).unlink()  # as if the fit stopped before these
+    res = fit_model(embedded["out"] / "tiny-dinov2", model["dir"], model["cfg"],
+                    show_progress=False)
+    assert res.fitted == 2 and res.skipped == 255
+    store = ScopeStore(str(model["dir"] / doc_before["shards"][0]["location"]))
+    after = store.read_scope("tiny-dinov2.global")
+    store.close()
+    np.testing.assert_array_equal(before[2], after[2])
+    np.testing.assert_allclose(before[3], after[3])
+    assert read_model_json(model["dir"])["scopes"] == doc_before["scopes"]
+    with pytest.raises(RuntimeError, match="other embeddings or settings"):
+        fit_model(embedded["out"] / "tiny-dinov2", model["dir"], FitConfig(n_shards=2, m=3),
+                  show_progress=False)
+
+
+def test_chroma_and_exact_paths_agree(model, embedded):
+    emb = load_embeddings(embedded["out"] / "tiny-dinov2", splits=["test"])
+    exact = ModelScorer(model["dir"], index="exact")
+    hnsw = ModelScorer(model["dir"], index="chroma")
+    a = exact.score(emb.global_, emb.local)
+    b = hnsw.score(emb.global_, emb.local)
+    same_nn = np.isclose(a["kmeans_d"], b["kmeans_d"], rtol=1e-4, atol=1e-5)
+    assert same_nn.mean() > 0.99
+    np.testing.assert_allclose(a["kmeans"][same_nn], b["kmeans"][same_nn], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(a["hdbscan"], b["hdbscan"], atol=0.02)
+    # Exact distances: the exact path's d equals a brute-force nearest distance.
+    train = load_embeddings(embedded["out"] / "tiny-dinov2", splits=["train"])
+    brute = np.linalg.norm(emb.global_[:, None].astype(np.float64) - train.global_[None], axis=-1)
+    np.testing.assert_allclose(a["kmeans_d"][0], brute.min(axis=1), rtol=1e-5)
+
+
+def test_scores_table_and_anomalies_score_higher(model, embedded, tmp_path):
+    from vitad_ray.cli import main
+
+    out = tmp_path / "scores.parquet"
+    assert main(["score", str(model["dir"]), str(embedded["out"] / "tiny-dinov2"),
+                 "--out", str(out), "--split", "test"]) == 0
+    df, arrays = read_scores(out)
+    n_test = TEST_CLIPS * FRAMES
+    assert len(df) == n_test and arrays["local_kmeans"].shape == (n_test, 256)
+    for col in ("global_kmeans", "global_hdbscan", "local_kmeans_anomalous",
+                "local_hdbscan_n_anomalous"):
+        assert col in df
+    assert ((arrays["local_kmeans"] >= 0) & (arrays["local_kmeans"] <= 1)).all()
+    n_anom = (arrays["local_kmeans"] >= 1.0).sum(axis=1)
+    np.testing.assert_array_equal(df["local_kmeans_n_anomalous"], n_anom)
+    np.testing.assert_array_equal(df["local_kmeans_anomalous"], n_anom >= 256 - n_anom)
+    y = df["label"].to_numpy()
+    assert 0 < y.sum() < len(y)
+    # The capped confidence saturates on near-duplicate training frames (as on Ped2); the
+    # distances under it must still rank anomalous frames above normal ones. (A 2-layer random
+    # ViT's patch tokens are too weak a feature for the patch scopes to do so reliably.)
+    d = df["global_kmeans_d"].to_numpy()
+    assert d[y == 1].mean() > d[y == 0].mean()
+    assert auroc(y, d) > 0.9
+    assert auroc(y, df["global_kmeans_ratio"].to_numpy()) > 0.8
+    # The Ray Data path equals the in-process scorer.
+    emb = load_embeddings(embedded["out"] / "tiny-dinov2", splits=["test"])
+    direct = ModelScorer(model["dir"]).score(emb.global_, emb.local)
+    np.testing.assert_allclose(arrays["local_kmeans"], direct["kmeans"][1:].T, atol=1e-6)
+
+
+def test_score_rejects_embeddings_of_another_backbone(model, embedded, tmp_path):
+    with pytest.raises(ValueError, match="embedded with tiny-ijepa"):
+        score_embeddings(model["dir"], embedded["out"] / "tiny-ijepa", tmp_path / "x.parquet")
+
+
+def test_incomplete_store_is_reported(model, embedded, tmp_path):
+    broken = tmp_path / "model"
+    shutil.copytree(model["dir"], broken)
+    doc = read_model_json(broken)
+    store = ScopeStore(str(broken / doc["shards"][1]["location"]))
+    coll = store.client.get_collection("tiny-dinov2.patch-255")
+    coll.delete(ids=coll.get(limit=3)["ids"])
+    store.close()
+    with pytest.raises(RuntimeError, match="incomplete"):
+        ModelScorer(broken, scopes=["patch-255"])
