@@ -1,34 +1,54 @@
-"""Run a command and report the peak memory of it and every Ray process it starts.
+"""Run a command and report the peak memory of it and every Ray process on this machine.
 
     python bench/peak_memory.py -- vitad fit runs/ped2/embeddings/dinov2-s14 --out /tmp/m
 
-Samples twice a second the resident memory (USS where readable, else RSS) summed over the
-command's process tree and all processes of the Ray cluster it uses (raylet, GCS, workers),
-and prints the peak sum, the peak of the largest single process and the wall time.
+Samples twice a second, from /proc, the resident memory (RSS) summed over the command's process
+tree and all Ray processes (raylet, GCS, workers), and prints the peak sum, the peak of the
+largest single process and the wall time. Shared pages (the object store, mapped by several
+workers) count once per process, so the sum is an upper bound.
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
 
-import psutil
+
+def _processes() -> dict[int, tuple[int, str, int]]:
+    """pid -> (parent pid, command line, RSS bytes)."""
+    out = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/status") as fh:
+                fields = dict(line.split(":", 1) for line in fh if ":" in line)
+            with open(f"/proc/{name}/cmdline", "rb") as fh:
+                cmd = fh.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        rss = int(fields.get("VmRSS", "0 kB").split()[0]) * 1024
+        out[int(name)] = (int(fields["PPid"]), cmd, rss)
+    return out
 
 
-def _tree_and_ray(root: psutil.Process) -> list[psutil.Process]:
-    procs = {}
-    try:
-        for p in [root] + root.children(recursive=True):
-            procs[p.pid] = p
-    except psutil.NoSuchProcess:
-        pass
-    for p in psutil.process_iter(["name", "cmdline"]):
-        cmd = " ".join(p.info.get("cmdline") or [])
-        if cmd.startswith("ray::") or "raylet" in cmd or "gcs_server" in cmd or \
-                "ray/_private" in cmd or "ray/dashboard" in cmd:
-            procs[p.pid] = p
-    return list(procs.values())
+def _ours(procs: dict, root: int) -> list[int]:
+    tree, frontier = {root}, [root]
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _, _) in procs.items():
+        children.setdefault(ppid, []).append(pid)
+    while frontier:
+        pid = frontier.pop()
+        for child in children.get(pid, []):
+            if child not in tree:
+                tree.add(child)
+                frontier.append(child)
+    ray = {pid for pid, (_, cmd, _) in procs.items()
+           if cmd.startswith("ray::") or "raylet" in cmd or "gcs_server" in cmd
+           or "ray/_private" in cmd or "ray/dashboard" in cmd}
+    return list(tree | ray)
 
 
 def main() -> int:
@@ -40,25 +60,16 @@ def main() -> int:
         return 2
     start = time.perf_counter()
     child = subprocess.Popen(argv)
-    root = psutil.Process(child.pid)
     peak_total = peak_single = 0
     while child.poll() is None:
-        total = 0
-        for p in _tree_and_ray(root):
-            try:
-                mem = p.memory_full_info().uss
-            except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
-                try:
-                    mem = p.memory_info().rss
-                except psutil.Error:
-                    continue
-            total += mem
-            peak_single = max(peak_single, mem)
-        peak_total = max(peak_total, total)
+        procs = _processes()
+        rss = [procs[p][2] for p in _ours(procs, child.pid) if p in procs]
+        peak_total = max(peak_total, sum(rss))
+        peak_single = max([peak_single] + rss)
         time.sleep(0.5)
     wall = time.perf_counter() - start
-    print(f"[peak_memory] exit {child.returncode}; wall {wall:.1f}s; peak memory of the command "
-          f"and its Ray processes {peak_total / 2**30:.2f} GiB (largest single process "
+    print(f"[peak_memory] exit {child.returncode}; wall {wall:.1f}s; peak RSS of the command and "
+          f"its Ray processes {peak_total / 2**30:.2f} GiB (largest single process "
           f"{peak_single / 2**30:.2f} GiB)", flush=True)
     return child.returncode
 

@@ -195,3 +195,51 @@ def test_incomplete_store_is_reported(model, embedded, tmp_path):
     store.close()
     with pytest.raises(RuntimeError, match="incomplete"):
         ModelScorer(broken, scopes=["patch-255"])
+
+
+@pytest.fixture()
+def chroma_server(tmp_path):
+    """A real `chroma run` server on 127.0.0.1."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    exe = Path(sys.executable).with_name("chroma")
+    proc = subprocess.Popen([str(exe), "run", "--host", "127.0.0.1", "--port", str(port),
+                             "--path", str(tmp_path / "chroma-server")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("chroma server did not start")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_fit_and_score_through_a_chroma_server(embedded, model, chroma_server, tmp_path):
+    cfg = FitConfig(n_shards=2, chroma_url=chroma_server, hdbscan=False)
+    res = fit_model(embedded["out"] / "tiny-dinov2", tmp_path / "m", cfg, show_progress=False)
+    assert res.fitted == 257
+    doc = read_model_json(tmp_path / "m")
+    assert all(s["location"] == chroma_server for s in doc["shards"])
+    emb = load_embeddings(embedded["out"] / "tiny-dinov2", splits=["test"])
+    over_http = ModelScorer(tmp_path / "m", index="chroma", hdbscan=False)
+    embedded_store = ModelScorer(model["dir"], index="exact", hdbscan=False)
+    a = over_http.score(emb.global_, emb.local, methods=("kmeans",))
+    b = embedded_store.score(emb.global_, emb.local, methods=("kmeans",))
+    same = np.isclose(a["kmeans_d"], b["kmeans_d"], rtol=1e-4, atol=1e-5)
+    assert same.mean() > 0.99
+    np.testing.assert_allclose(a["kmeans"][same], b["kmeans"][same], atol=1e-5)

@@ -91,6 +91,11 @@ class ModelScorer:
         self.hdbscan_states_ = ([load_state(hdbscan_path(self.model_dir, s)) for s in self.scopes]
                                 if self.hdbscan else [])
         self.k_neighbors = max([1] + [2 * st.min_samples for st in self.hdbscan_states_])
+        if self.index == "exact":
+            # The vectors are in memory now; Chroma's own cache of every segment would double it.
+            for store in self._stores.values():
+                store.close()
+            self._stores, self._store_of = {}, {}
 
     def _queries(self, global_: np.ndarray, local: np.ndarray) -> np.ndarray:
         stacked = stack_scopes(global_, local)  # [1 + P, B, D]

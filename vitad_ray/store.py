@@ -86,11 +86,10 @@ class ScopeStore:
         self._collections[name] = coll
 
     def close(self) -> None:
-        """Let go of this process's cached Chroma systems, so another process may write."""
-        from chromadb.api.shared_system_client import SharedSystemClient
-
+        """Release this client; the last one of a store frees Chroma's cache of its segments
+        (and lets another process be its writer)."""
         self._collections.clear()
-        SharedSystemClient.clear_system_cache()
+        self.client.close()
 
     def count(self, name: str) -> int:
         try:
