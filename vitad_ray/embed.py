@@ -107,11 +107,12 @@ def build_dataset(items: list[dict], choices: list[BackboneChoice], batch_size: 
     # Small input blocks keep the stream moving (results reach the writer as they are made).
     n_blocks = max(1, min(len(items), max(4 * cpus, len(items) // 32)))
     ds = ray.data.from_items(items, override_num_blocks=n_blocks)
-    # Decoding asks for half a CPU, the embedders for a whole one (or a GPU): the different
-    # resource shapes keep Ray Data from fusing decode into the embedder actors, so frames are
-    # decoded by CPU tasks while the accelerator embeds.
+    # Decoding asks for a quarter CPU, embedders for half a CPU (plus a GPU when there is one):
+    # the different resource shapes keep Ray Data from fusing decode into the embedder actors, so
+    # CPU tasks decode while the accelerator embeds; and the actors, however many backbones, never
+    # hold every CPU, which would leave no room for decoding and stall the stream.
     ds = ds.map_batches(decode_batch, fn_kwargs={"sizes": sizes}, batch_size=8,
-                        batch_format="numpy", num_cpus=0.5)
+                        batch_format="numpy", num_cpus=0.25)
     for choice in choices:
         gpus_each = 1 if gpus else 0
         n_actors = actors_per_backbone or max(1, gpus // len(choices) if gpus else 1)
@@ -122,7 +123,7 @@ def build_dataset(items: list[dict], choices: list[BackboneChoice], batch_size: 
                                    "image_size": choice.image_size, "threads": threads},
             batch_size=batch_size, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=n_actors),
-            num_gpus=gpus_each, num_cpus=1 if not gpus_each else 0.25)
+            num_gpus=gpus_each, num_cpus=0.5)
     return ds.drop_columns([f"pixels_{s}" for s in sizes])
 
 
