@@ -74,20 +74,21 @@ class ModelScorer:
         self._load()
 
     def _load(self) -> None:
-        vectors, loc_dens = [], []
-        for scope in self.scopes:
-            _, vecs, _, dens = self._store_of[scope].read_scope(collection_name(self.backbone, scope))
-            expected = self.doc["scopes"][scope]["train_count"]
-            if len(vecs) != expected:
-                raise RuntimeError(f"store for scope {scope} holds {len(vecs)} vectors, model.json "
-                                   f"says {expected}: the store is incomplete; re-run `vitad fit`")
-            vectors.append(vecs)
-            loc_dens.append(dens)
         import torch
 
-        self.train_ = torch.from_numpy(np.stack(vectors))  # [S, N, D]
+        n_train = int(self.doc["train"]["n_frames"])
+        dim = int(self.doc["embeddings"]["dim"])
+        # Filled in place, scope by scope: no second copy of the vectors while loading.
+        vectors = np.empty((len(self.scopes), n_train, dim), np.float32)  # [S, N, D]
+        self.loc_dens_ = np.empty((len(self.scopes), n_train), np.float32)  # [S, N]
+        for s, scope in enumerate(self.scopes):
+            _, vecs, _, dens = self._store_of[scope].read_scope(collection_name(self.backbone, scope))
+            if len(vecs) != n_train:
+                raise RuntimeError(f"store for scope {scope} holds {len(vecs)} vectors, model.json "
+                                   f"says {n_train}: the store is incomplete; re-run `vitad fit`")
+            vectors[s], self.loc_dens_[s] = vecs, dens
+        self.train_ = torch.from_numpy(vectors)
         self.train_sqnorm_ = (self.train_ ** 2).sum(-1)
-        self.loc_dens_ = np.stack(loc_dens)  # [S, N]
         self.hdbscan_states_ = ([load_state(hdbscan_path(self.model_dir, s)) for s in self.scopes]
                                 if self.hdbscan else [])
         self.k_neighbors = max([1] + [2 * st.min_samples for st in self.hdbscan_states_])
