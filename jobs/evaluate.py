@@ -1,0 +1,10 @@
+"""Ray job entry point: `vitad evaluate` on the cluster the job was submitted to.
+
+    ray job submit --address http://127.0.0.1:DASHBOARD --working-dir . -- \
+        python jobs/evaluate.py ARGS...   (the arguments of `vitad evaluate`)
+"""
+
+from _entry import run
+
+if __name__ == "__main__":
+    run("evaluate")

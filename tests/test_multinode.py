@@ -1,0 +1,104 @@
+"""Two raylets on 127.0.0.1 (cluster/local), jobs submitted through the Job API, work on both
+nodes, and the same model as a one-node run."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vitad_ray.modeldir import read_model_json
+from vitad_ray.store import ScopeStore
+from vitad_ray.synthetic import SceneConfig, generate_scene
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}:{env.get('PATH', '')}"
+    env["RAY_AUTH_MODE"] = "disabled"
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def two_nodes(tmp_path_factory):
+    state = tmp_path_factory.mktemp("cluster")
+    env = dict(_env(), RAY_BIN=str(BIN / "ray"))
+    subprocess.run(["bash", str(REPO / "cluster/local/start.sh"), "1", str(state)], env=env,
+                   check=True, capture_output=True, timeout=180)
+    try:
+        yield {"address": (state / "address").read_text().strip(),
+               "dashboard": (state / "dashboard").read_text().strip()}
+    finally:
+        subprocess.run(["bash", str(REPO / "cluster/local/stop.sh"), str(state)], env=env,
+                       timeout=120)
+
+
+def _submit(dashboard: str, args: list[str], timeout: float = 600) -> str:
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(dashboard)
+    job = client.submit_job(entrypoint=" ".join(["python", *args]),
+                            runtime_env={"working_dir": str(REPO),
+                                         "env_vars": {"HF_HUB_OFFLINE": "1"}})
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = client.get_job_status(job)
+        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            break
+        time.sleep(2)
+    logs = client.get_job_logs(job)
+    assert status == JobStatus.SUCCEEDED, logs[-3000:]
+    return logs
+
+
+def test_jobs_run_on_both_nodes_and_match_a_one_node_run(two_nodes, tmp_path):
+    scene = generate_scene(tmp_path / "scene", SceneConfig(train_clips=4, test_clips=1,
+                                                           frames_per_clip=16, seed=2))
+    emb = tmp_path / "emb"
+    logs = _submit(two_nodes["dashboard"],
+                   ["jobs/embed.py", "--videos", str(scene["train_videos"]), "--split", "train",
+                    "--fps", "0", "--backbone", "tiny-dinov2", "--out", str(emb)])
+    assert "64 frames embedded" in logs
+    multi = tmp_path / "model-2nodes"
+    logs = _submit(two_nodes["dashboard"], ["jobs/fit.py", str(emb / "tiny-dinov2"), "--out",
+                                            str(multi), "--no-hdbscan"])
+    assert "on 2 node(s)" in logs
+    nodes = {json.loads(p.read_text())["node_id"] for p in (multi / "scopes").glob("*.json")}
+    alive = {n["NodeID"] for n in _nodes(two_nodes["address"])}
+    assert len(nodes) == 2 and nodes <= alive
+
+    # The same fit on a one-node cluster of its own gives the same model.
+    single = tmp_path / "model-1node"
+    subprocess.run([str(BIN / "vitad"), "fit", str(emb / "tiny-dinov2"), "--out", str(single),
+                    "--no-hdbscan", "--num-cpus", "1"], env=_env(), check=True,
+                   capture_output=True, timeout=600)
+    a, b = read_model_json(multi), read_model_json(single)
+    assert a["scopes"] == b["scopes"]
+    for scope in ("global", "patch-000", "patch-255"):
+        sa = ScopeStore(str(multi / a["shards"][0]["location"]))
+        sb = ScopeStore(str(single / b["shards"][0]["location"]))
+        ra, rb = sa.read_scope(f"tiny-dinov2.{scope}"), sb.read_scope(f"tiny-dinov2.{scope}")
+        assert ra[0] == rb[0]
+        np.testing.assert_array_equal(ra[1], rb[1])
+        np.testing.assert_array_equal(ra[2], rb[2])
+        np.testing.assert_array_equal(ra[3], rb[3])
+        sa.close()
+        sb.close()
+
+
+def _nodes(address: str) -> list[dict]:
+    """Alive nodes of the cluster, asked from a separate driver process."""
+    code = ("import json, ray; ray.init(address=%r, logging_level='ERROR'); "
+            "print(json.dumps([n for n in ray.nodes() if n['Alive']], default=str))" % address)
+    out = subprocess.run([sys.executable, "-c", code], env=_env(), check=True,
+                         capture_output=True, text=True, timeout=120).stdout
+    return json.loads(out.strip().splitlines()[-1])
