@@ -24,6 +24,7 @@ def _env() -> dict:
     env = dict(os.environ)
     env["PATH"] = f"{BIN}:{env.get('PATH', '')}"
     env["RAY_AUTH_MODE"] = "disabled"
+    env["HF_HUB_OFFLINE"] = "1"
     env.pop("RAY_ADDRESS", None)
     return env
 
@@ -42,35 +43,27 @@ def two_nodes(tmp_path_factory):
                        timeout=120)
 
 
-def _submit(dashboard: str, args: list[str], timeout: float = 600) -> str:
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    client = JobSubmissionClient(dashboard)
-    job = client.submit_job(entrypoint=" ".join(["python", *args]),
-                            runtime_env={"working_dir": str(REPO),
-                                         "env_vars": {"HF_HUB_OFFLINE": "1"}})
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        status = client.get_job_status(job)
-        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
-            break
-        time.sleep(2)
-    logs = client.get_job_logs(job)
-    assert status == JobStatus.SUCCEEDED, logs[-3000:]
-    return logs
+def _submit(dashboard: str, step: str, args: list[str]) -> str:
+    """`vitad submit` as a user runs it: a separate process, real Job API, logs streamed back."""
+    out = subprocess.run([str(BIN / "vitad"), "submit", step, "--dashboard", dashboard,
+                          "--working-dir", str(REPO), "--", *args], env=_env(), cwd=REPO,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    assert "SUCCEEDED" in out.stdout
+    return out.stdout
 
 
 def test_jobs_run_on_both_nodes_and_match_a_one_node_run(two_nodes, tmp_path):
     scene = generate_scene(tmp_path / "scene", SceneConfig(train_clips=4, test_clips=1,
                                                            frames_per_clip=16, seed=2))
     emb = tmp_path / "emb"
-    logs = _submit(two_nodes["dashboard"],
-                   ["jobs/embed.py", "--videos", str(scene["train_videos"]), "--split", "train",
-                    "--fps", "0", "--backbone", "tiny-dinov2", "--out", str(emb)])
+    logs = _submit(two_nodes["dashboard"], "embed",
+                   ["--videos", str(scene["train_videos"]), "--split", "train", "--fps", "0",
+                    "--backbone", "tiny-dinov2", "--out", str(emb)])
     assert "64 frames embedded" in logs
     multi = tmp_path / "model-2nodes"
-    logs = _submit(two_nodes["dashboard"], ["jobs/fit.py", str(emb / "tiny-dinov2"), "--out",
-                                            str(multi), "--no-hdbscan"])
+    logs = _submit(two_nodes["dashboard"], "fit",
+                   [str(emb / "tiny-dinov2"), "--out", str(multi), "--no-hdbscan"])
     assert "on 2 node(s)" in logs
     nodes = {json.loads(p.read_text())["node_id"] for p in (multi / "scopes").glob("*.json")}
     alive = {n["NodeID"] for n in _nodes(two_nodes["address"])}

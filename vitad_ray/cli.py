@@ -74,6 +74,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default="kmeans,hdbscan")
     _add_ray(p)
 
+    p = sub.add_parser("submit", help="run a step as a Ray job on a cluster (Job API)")
+    p.add_argument("step", choices=["embed", "fit", "score", "evaluate"])
+    p.add_argument("--dashboard", default=None,
+                   help="the cluster's dashboard URL (default: RAY_API_SERVER_ADDRESS or "
+                        "http://127.0.0.1:8265)")
+    p.add_argument("--working-dir", default=".", help="repository root shipped with the job")
+    p.add_argument("--no-wait", action="store_true", help="return once submitted")
+    p.add_argument("args", nargs="*",
+                   help="the step's own arguments, after --; paths must be ones every node sees")
+
     for name, helptext in (("evaluate", "embed, fit, score and evaluate a labelled manifest"),
                            ("demo", "the whole pipeline on a generated scene, no download")):
         p = sub.add_parser(name, help=helptext)
@@ -168,6 +178,19 @@ def cmd_score(args) -> dict:
     return res
 
 
+def cmd_submit(args) -> dict:
+    import os
+
+    from .submit import submit_step
+
+    dashboard = args.dashboard or os.environ.get("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:8265")
+    job, status, _ = submit_step(dashboard, args.step, args.args, args.working_dir,
+                                 wait=not args.no_wait, echo=_say)
+    if status in ("FAILED", "STOPPED"):
+        raise RuntimeError(f"job {job} {status.lower()}")
+    return {"job": job, "status": status}
+
+
 def run_pipeline(args, items: list[dict], default_backbone: str) -> dict:
     """embed -> fit (train split) -> score (test split) -> evaluate; returns the summary."""
     from .embed import run_embedding
@@ -236,7 +259,18 @@ def cmd_demo(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Everything after "--" belongs to the submitted step (argparse's subparsers mishandle it).
+    passthrough: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, passthrough = argv[:cut], argv[cut + 1:]
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if passthrough:
+        if args.command != "submit":
+            parser.error("arguments after -- are only for `vitad submit`")
+        args.args = [*args.args, *passthrough]
     if args.command == "backbones":
         from .backbones import get_spec, list_backbones
 
@@ -244,11 +278,11 @@ def main(argv: list[str] | None = None) -> int:
             spec = get_spec(name)
             _say(f"{name:18s} {spec.source or '(random)':40s} {spec.description}")
         return 0
-    handler = {"embed": cmd_embed, "fit": cmd_fit, "score": cmd_score,
+    handler = {"embed": cmd_embed, "fit": cmd_fit, "score": cmd_score, "submit": cmd_submit,
                "evaluate": cmd_evaluate, "demo": cmd_demo}[args.command]
     try:
         handler(args)
-    except (FileNotFoundError, ValueError, RuntimeError, KeyError) as exc:
+    except (FileNotFoundError, ValueError, RuntimeError, KeyError, ConnectionError) as exc:
         print(f"vitad {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 0
