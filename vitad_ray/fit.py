@@ -172,9 +172,8 @@ def fit_model(emb_dir: str | os.PathLike, model_dir: str | os.PathLike,
     del train
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     writer_cls = ray.remote(num_cpus=0, scheduling_strategy=here)(ShardWriter)
-    locations = [shard_location(model_dir, s, cfg.chroma_url and f"{cfg.chroma_url}")
-                 for s in range(cfg.n_shards)]
     # With a Chroma server every shard lives there; embedded stores get one folder each.
+    locations = [shard_location(model_dir, s, cfg.chroma_url) for s in range(cfg.n_shards)]
     writers = [writer_cls.remote(str(model_dir), loc, backbone, frame_ids, [train_ref])
                for loc in locations]
     shard_scopes = [[sc for i, sc in enumerate(scopes) if shard_of(i, len(scopes), cfg.n_shards) == s]
