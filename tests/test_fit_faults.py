@@ -11,14 +11,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from vitad_ray.embed import BackboneChoice, run_embedding
 from vitad_ray.frames import items_from_videos
-from vitad_ray.modeldir import read_model_json
-from vitad_ray.store import ScopeStore, scope_names
+from vitad_ray.store import scope_names
 from vitad_ray.synthetic import SceneConfig, generate_scene
+
+from .model_equality import assert_same_model
 
 pytestmark = pytest.mark.integration
 VITAD = str(Path(sys.executable).with_name("vitad"))
@@ -77,18 +77,7 @@ def test_killed_fit_resumes_without_redoing_scopes(embeddings, tmp_path):
     clean = tmp_path / "clean"
     assert _fit(embeddings, clean, ray_tmp).returncode == 0
     _kill_all(ray_tmp)
-    a, b = read_model_json(model), read_model_json(clean)
-    assert a["scopes"] == b["scopes"]
-    sa = ScopeStore(str(model / a["shards"][0]["location"]))
-    sb = ScopeStore(str(clean / b["shards"][0]["location"]))
-    for scope in scope_names(256):
-        ra, rb = sa.read_scope(f"tiny-dinov2.{scope}"), sb.read_scope(f"tiny-dinov2.{scope}")
-        assert ra[0] == rb[0]
-        np.testing.assert_array_equal(ra[1], rb[1])
-        np.testing.assert_array_equal(ra[2], rb[2])
-        np.testing.assert_array_equal(ra[3], rb[3])
-    sa.close()
-    sb.close()
+    assert_same_model(model, clean, scope_names(256))
     markers = [json.loads(p.read_text()) for p in (model / "scopes").glob("*.json")]
     assert len(markers) == 257
     shutil.rmtree(ray_tmp, ignore_errors=True)

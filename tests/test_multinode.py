@@ -8,12 +8,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from vitad_ray.modeldir import read_model_json
-from vitad_ray.store import ScopeStore
 from vitad_ray.synthetic import SceneConfig, generate_scene
+
+from .model_equality import assert_same_model
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[1]
@@ -74,18 +73,7 @@ def test_jobs_run_on_both_nodes_and_match_a_one_node_run(two_nodes, tmp_path):
     subprocess.run([str(BIN / "vitad"), "fit", str(emb / "tiny-dinov2"), "--out", str(single),
                     "--no-hdbscan", "--num-cpus", "1"], env=_env(), check=True,
                    capture_output=True, timeout=600)
-    a, b = read_model_json(multi), read_model_json(single)
-    assert a["scopes"] == b["scopes"]
-    for scope in ("global", "patch-000", "patch-255"):
-        sa = ScopeStore(str(multi / a["shards"][0]["location"]))
-        sb = ScopeStore(str(single / b["shards"][0]["location"]))
-        ra, rb = sa.read_scope(f"tiny-dinov2.{scope}"), sb.read_scope(f"tiny-dinov2.{scope}")
-        assert ra[0] == rb[0]
-        np.testing.assert_array_equal(ra[1], rb[1])
-        np.testing.assert_array_equal(ra[2], rb[2])
-        np.testing.assert_array_equal(ra[3], rb[3])
-        sa.close()
-        sb.close()
+    assert_same_model(multi, single, ("global", "patch-000", "patch-255"))
 
 
 def _nodes(address: str) -> list[dict]:
