@@ -1,4 +1,4 @@
-"""The ``vitad`` command: embed, fit, score, evaluate, demo."""
+"""The ``vitad`` command: embed, fit, score, serve, evaluate, demo."""
 
 from __future__ import annotations
 
@@ -72,6 +72,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", action="append", help="only these splits (default: all)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--methods", default="kmeans,hdbscan")
+    _add_ray(p)
+
+    p = sub.add_parser("serve", help="serve a model over HTTP (Ray Serve): POST /v1/detect")
+    p.add_argument("model", help="model directory written by `vitad fit`")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--weights", help="backbone weights (default: the ones model.json names; "
+                                     "they must hash to the fitted ones)")
+    p.add_argument("--shards", type=int, help="ScopeShard deployments (default: the model's "
+                                              "store shards)")
+    p.add_argument("--index", choices=["exact", "chroma"], default="exact")
+    p.add_argument("--token", help="bearer token for every route but /v1/health "
+                                   "(default: $VITAD_SERVE_TOKEN; none = open)")
+    p.add_argument("--embed-batch", type=int, default=16)
+    p.add_argument("--shard-batch", type=int, default=32)
+    p.add_argument("--batch-wait-ms", type=float, default=10.0)
+    p.add_argument("--embed-replicas", type=int, default=1)
+    p.add_argument("--shard-replicas", type=int, default=1)
+    p.add_argument("--thresholds", type=json.loads, default={},
+                   help='overrides, e.g. \'{"kmeans": {"global": 0.9, "patch": 0.95}}\'')
+    p.add_argument("--config", help="JSON or YAML file of serve settings (flags win)")
     _add_ray(p)
 
     p = sub.add_parser("submit", help="run a step as a Ray job on a cluster (Job API)")
@@ -178,6 +199,47 @@ def cmd_score(args) -> dict:
     return res
 
 
+def serve_config(args):
+    """ServeConfig from --config plus the flags the user gave."""
+    from .serve import ServeConfig
+
+    settings = {}
+    if args.config:
+        import yaml
+
+        settings = yaml.safe_load(Path(args.config).read_text()) or {}
+    flags = {"host": "127.0.0.1", "port": 8000, "weights": None, "shards": None, "index": "exact",
+             "token": None, "embed_batch": 16, "shard_batch": 32, "batch_wait_ms": 10.0,
+             "embed_replicas": 1, "shard_replicas": 1, "thresholds": {}}
+    for name, default in flags.items():
+        value = getattr(args, name)
+        if value != default or name not in settings:
+            settings[name] = value
+    settings["model_dir"] = args.model
+    return ServeConfig.from_args(settings)
+
+
+def cmd_serve(args) -> dict:
+    from ray import serve
+
+    from .runtime import init_ray
+    from .serve import start
+
+    cfg = serve_config(args)
+    init_ray(args.address, args.num_cpus)
+    url = start(cfg)
+    _say(f"serving {cfg.model_dir} at {url}/v1/detect (health: {url}/v1/health, schema: "
+         f"{url}/openapi.json); Ctrl-C stops")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        _say("stopping")
+    finally:
+        serve.shutdown()
+    return {"url": url}
+
+
 def cmd_submit(args) -> dict:
     import os
 
@@ -279,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
             _say(f"{name:18s} {spec.source or '(random)':40s} {spec.description}")
         return 0
     handler = {"embed": cmd_embed, "fit": cmd_fit, "score": cmd_score, "submit": cmd_submit,
-               "evaluate": cmd_evaluate, "demo": cmd_demo}[args.command]
+               "serve": cmd_serve, "evaluate": cmd_evaluate, "demo": cmd_demo}[args.command]
     try:
         handler(args)
     except (FileNotFoundError, ValueError, RuntimeError, KeyError, ConnectionError) as exc:

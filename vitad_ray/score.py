@@ -102,30 +102,40 @@ class ModelScorer:
         stacked = stack_scopes(global_, local)  # [1 + P, B, D]
         return stacked[self._scope_pos]
 
-    def neighbors(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(distance [S, B, k], fit-order row [S, B, k]) from the chosen index."""
+    def neighbors(self, queries: np.ndarray, k: int, scopes: slice = slice(None)
+                  ) -> tuple[np.ndarray, np.ndarray]:
+        """(distance [S, B, k], fit-order row [S, B, k]) from the chosen index.
+
+        ``queries`` holds the scopes ``self.scopes[scopes]`` (a slice: a view, never a copy).
+        """
         if self.index == "exact":
-            return knn_stacked(queries, self.train_, k=k, train_sqnorm=self.train_sqnorm_,
-                               device=self.device)
-        dist = np.empty((len(self.scopes), queries.shape[1], k), np.float32)
+            return knn_stacked(queries, self.train_[scopes], k=k,
+                               train_sqnorm=self.train_sqnorm_[scopes], device=self.device)
+        names = self.scopes[scopes]
+        dist = np.empty((len(names), queries.shape[1], k), np.float32)
         rows = np.empty_like(dist, dtype=np.int64)
-        for s, scope in enumerate(self.scopes):
+        for s, scope in enumerate(names):
             dist[s], rows[s] = self._store_of[scope].query_nearest(
                 collection_name(self.backbone, scope), queries[s], k)
         return dist, rows
 
     def score(self, global_: np.ndarray, local: np.ndarray, methods=METHODS) -> dict:
         """Per scope and frame: k-Means confidence, d, ratio; HDBSCAN confidence. [S, B] each."""
-        queries = self._queries(global_, local)
+        return self.score_queries(self._queries(global_, local), methods)
+
+    def score_queries(self, queries: np.ndarray, methods=METHODS, scopes: slice = slice(None)
+                      ) -> dict:
+        """Like ``score`` for queries already stacked per scope: [S, B, D] for
+        ``self.scopes[scopes]``."""
         use_hdbscan = self.hdbscan and "hdbscan" in methods
-        dist, rows = self.neighbors(queries, self.k_neighbors if use_hdbscan else 1)
+        dist, rows = self.neighbors(queries, self.k_neighbors if use_hdbscan else 1, scopes)
         d = dist[:, :, 0]
-        loc = np.take_along_axis(self.loc_dens_, rows[:, :, 0], axis=1)
+        loc = np.take_along_axis(self.loc_dens_[scopes], rows[:, :, 0], axis=1)
         out = {"kmeans": knnn_confidence(d, loc), "kmeans_d": d, "kmeans_ratio": knnn_ratio(d, loc)}
         if use_hdbscan:
             out["hdbscan"] = np.stack([
                 1.0 - membership_from_neighbors(state, rows[s], dist[s])
-                for s, state in enumerate(self.hdbscan_states_)]).astype(np.float32)
+                for s, state in enumerate(self.hdbscan_states_[scopes])]).astype(np.float32)
         return out
 
 

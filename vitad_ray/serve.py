@@ -1,0 +1,480 @@
+"""The Ray Serve application: online patch-voting inference over a fitted model directory.
+
+    HTTP -> Ingress (parse, decode, resize) -> Embedder (backbone, @serve.batch, GPU when present)
+         -> S ScopeShard deployments (each a contiguous range of the 257 scopes, @serve.batch)
+         -> vote -> answer
+
+Each image travels alone through the graph, so Serve's batching groups images across requests:
+the embedder runs one forward pass per batch and each shard one neighbour search per batch. The
+embedding goes from the embedder to the shards as a Ray object reference (the ingress never
+copies the patch tensor). ``build_app`` (Python), ``app_builder`` (``serve run`` / a RayService)
+and ``vitad serve`` (CLI) all build the same graph from a ``ServeConfig``.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the route signatures at run time.
+import asyncio
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
+from ray import serve
+
+from . import __version__
+from .modeldir import read_model_json
+from .serve_api import (JSON_TYPES, MULTIPART, ApiError, DetectOptions, ImageInput, Limits,
+                        check_content_length, decode_image, frame_answer, images_from_form,
+                        images_from_json, media_type, parse_options)
+from .store import GLOBAL, scope_names, shard_of
+
+TOKEN_ENV = "VITAD_SERVE_TOKEN"
+APP_NAME = "vitad"
+
+
+@dataclass
+class ServeConfig:
+    """Everything a deployment of the endpoint can be told. Strings are accepted for every field
+    (``serve run ... key=value`` passes strings)."""
+
+    model_dir: str
+    weights: str | None = None        # default: the weights model.json names
+    shards: int | None = None         # ScopeShard deployments; default: the model's store shards
+    index: str = "exact"              # exact (in-memory matmul) | chroma (HNSW queries)
+    embed_replicas: int = 1
+    shard_replicas: int = 1
+    ingress_replicas: int = 1
+    embed_batch: int = 16
+    shard_batch: int = 32
+    batch_wait_ms: float = 10.0
+    embed_threads: int = 2
+    shard_threads: int = 1
+    embed_cpus: float = 0.5
+    shard_cpus: float = 0.5
+    ingress_cpus: float = 0.25
+    use_gpu: bool | None = None       # default: when the cluster has a GPU
+    thresholds: dict = field(default_factory=dict)  # {"kmeans": {"global": t, "patch": t}, ...}
+    token: str | None = None          # default: $VITAD_SERVE_TOKEN; none = no auth
+    max_images: int = 32
+    max_image_bytes: int = 8 << 20
+    request_timeout_s: float = 60.0
+    host: str = "127.0.0.1"
+    port: int = 8000
+    route_prefix: str = "/"
+
+    @classmethod
+    def from_args(cls, args: dict) -> "ServeConfig":
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(args) - set(known))
+        if unknown:
+            raise ValueError(f"unknown serve settings {unknown}; known: {sorted(known)}")
+        values = {}
+        for name, value in args.items():
+            hint = known[name].type
+            kind = hint.__name__ if isinstance(hint, type) else str(hint)
+            if isinstance(value, str):
+                if value.lower() in ("", "none", "null"):
+                    value = None
+                elif kind.startswith("int"):
+                    value = int(value)
+                elif kind.startswith("float"):
+                    value = float(value)
+                elif kind.startswith("bool"):
+                    value = value.lower() in ("1", "true", "yes")
+                elif kind == "dict":
+                    value = json.loads(value)
+            values[name] = value
+        return cls(**values)
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(max_images=self.max_images, max_image_bytes=self.max_image_bytes)
+
+
+def model_id(doc: dict) -> str:
+    """Identity of the fitted model: thresholds can change without changing it."""
+    fitted = {k: v for k, v in doc.items() if k != "thresholds"}
+    digest = hashlib.sha256(json.dumps(fitted, sort_keys=True).encode()).hexdigest()[:12]
+    return f"{doc['backbone']}@{digest}"
+
+
+def effective_thresholds(doc: dict, overrides: dict) -> dict:
+    out = {m: dict(doc["thresholds"][m]) for m in ("kmeans", "hdbscan")}
+    for method, values in (overrides or {}).items():
+        if method not in out or not set(values) <= {"global", "patch"}:
+            raise ValueError(f"threshold overrides look like {{'kmeans': {{'global': t, "
+                             f"'patch': t}}}}; got {overrides}")
+        out[method].update({k: float(v) for k, v in values.items()})
+    out["source"] = "deployment config" if overrides else doc["thresholds"].get("source", "model")
+    return out
+
+
+def shard_scopes(num_patches: int, n_shards: int) -> list[list[str]]:
+    scopes = scope_names(num_patches)
+    groups: list[list[str]] = [[] for _ in range(n_shards)]
+    for i, scope in enumerate(scopes):
+        groups[shard_of(i, len(scopes), n_shards)].append(scope)
+    return groups
+
+
+# --- deployments ---------------------------------------------------------------------------------
+@serve.deployment
+class Embedder:
+    """The frozen backbone. One forward pass per batch of frames gathered across requests."""
+
+    def __init__(self, backbone: str, weights: str | None, image_size: int, threads: int,
+                 max_batch: int, batch_wait_s: float):
+        import torch
+
+        from .backbones import create_backbone
+
+        torch.set_num_threads(max(1, threads))
+        self.backbone = create_backbone(backbone, weights, image_size)
+        self.embed.set_max_batch_size(max_batch)
+        self.embed.set_batch_wait_timeout_s(batch_wait_s)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def embed(self, frames: list[np.ndarray]) -> list[dict]:
+        start = time.perf_counter()
+        global_, local = await asyncio.to_thread(self.backbone.embed, np.stack(frames))
+        ms = 1000 * (time.perf_counter() - start)
+        return [{"global": global_[i], "local": local[i], "batch": len(frames), "ms": ms}
+                for i in range(len(frames))]
+
+
+@serve.deployment
+class ScopeShard:
+    """A contiguous range of scopes: their training vectors, loc_dens and HDBSCAN states.
+
+    Scores a whole batch of frames with one neighbour search per scope group."""
+
+    def __init__(self, model_dir: str, scopes: list[str], index: str, threads: int,
+                 max_batch: int, batch_wait_s: float):
+        import torch
+
+        from .score import ModelScorer
+
+        torch.set_num_threads(max(1, threads))
+        self.scorer = ModelScorer(model_dir, index=index, scopes=scopes)
+        has_global = scopes[0] == GLOBAL
+        all_scopes = scope_names(self.scorer.num_patches)
+        patches = [all_scopes.index(s) - 1 for s in scopes if s != GLOBAL]
+        # Patch positions in the frame's [P, D] array, and the scorer's slices per request scope.
+        self.patch_range = (patches[0], patches[-1] + 1) if patches else None
+        self.slices = {"global": slice(0, 1) if has_global else None,
+                       "local": slice(1 if has_global else 0, len(scopes)) if patches else None,
+                       "both": slice(0, len(scopes))}
+        self.score.set_max_batch_size(max_batch)
+        self.score.set_batch_wait_timeout_s(batch_wait_s)
+
+    def _queries(self, embeddings: list[dict], scope: str) -> np.ndarray:
+        parts = []
+        if scope in ("global", "both") and self.slices["global"] is not None:
+            parts.append(np.stack([e["global"] for e in embeddings])[None])  # [1, B, D]
+        if scope in ("local", "both") and self.patch_range:
+            lo, hi = self.patch_range
+            parts.append(np.stack([e["local"][lo:hi] for e in embeddings]).transpose(1, 0, 2))
+        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+    def _score_groups(self, embeddings: list[dict], methods: list[str], scopes: list[str]):
+        out: list[dict | None] = [None] * len(embeddings)
+        groups: dict[tuple[str, str], list[int]] = {}
+        for i, key in enumerate(zip(methods, scopes)):
+            groups.setdefault(key, []).append(i)
+        for (method, scope), members in groups.items():
+            slc = self.slices[scope]
+            queries = self._queries([embeddings[i] for i in members], scope)
+            scores = self.scorer.score_queries(queries, (method,), slc)[method]  # [S', B]
+            names = self.scorer.scopes[slc]
+            has_global = names[0] == GLOBAL
+            for j, i in enumerate(members):
+                out[i] = {"global": float(scores[0, j]) if has_global else None,
+                          "local": scores[1 if has_global else 0:, j] if self.patch_range
+                          and scope != "global" else None,
+                          "patch_range": self.patch_range,
+                          "embed_ms": embeddings[i]["ms"], "embed_batch": embeddings[i]["batch"]}
+        return out
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
+    async def score(self, embeddings: list[dict], methods: list[str], scopes: list[str]
+                    ) -> list[dict]:
+        start = time.perf_counter()
+        results = await asyncio.to_thread(self._score_groups, embeddings, methods, scopes)
+        ms = 1000 * (time.perf_counter() - start)
+        for r in results:
+            r.update(batch=len(embeddings), ms=ms)
+        return results
+
+
+api = FastAPI(title="vitad_ray anomaly detection", version=__version__, openapi_url=None,
+              docs_url=None, redoc_url=None,
+              description="Frame-level visual anomaly detection for one fixed camera scene: a "
+                          "frozen ViT, per-scope k-Means/HDBSCAN normality models and patch "
+                          "voting. Every route except /v1/health needs `Authorization: Bearer "
+                          "<token>` when the deployment has a token.")
+
+DETECT_BODY = {
+    "requestBody": {"required": True, "content": {
+        "multipart/form-data": {"schema": {"type": "object", "properties": {
+            "images": {"type": "array", "items": {"type": "string", "format": "binary"}},
+            "method": {"type": "string", "enum": ["kmeans", "hdbscan"]},
+            "scope": {"type": "string", "enum": ["global", "local", "both"]},
+            "threshold": {"type": "number"}, "global_threshold": {"type": "number"},
+            "patch_threshold": {"type": "number"}}}},
+        "application/json": {"schema": {"type": "object", "required": ["images"], "properties": {
+            "images": {"type": "array", "items": {"oneOf": [
+                {"type": "string", "format": "byte"},
+                {"type": "object", "properties": {"name": {"type": "string"},
+                                                  "data": {"type": "string", "format": "byte"}}}]}},
+            "method": {"type": "string", "enum": ["kmeans", "hdbscan"]},
+            "scope": {"type": "string", "enum": ["global", "local", "both"]},
+            "threshold": {"type": "number"}, "global_threshold": {"type": "number"},
+            "patch_threshold": {"type": "number"}}}},
+        "image/png": {"schema": {"type": "string", "format": "binary"}},
+        "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+    }},
+    "responses": {
+        "400": {"description": "malformed request (empty body, bad JSON, bad multipart)"},
+        "401": {"description": "missing or wrong bearer token"},
+        "413": {"description": "too many images, or an image or body over the size limit"},
+        "415": {"description": "unsupported content type"},
+        "422": {"description": "an image that cannot be decoded, or a bad option"},
+        "503": {"description": "a backend replica failed; retry"},
+        "504": {"description": "the backends did not answer in time"},
+    },
+}
+
+
+def _error(status: int, reason: str, **extra) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse({"error": reason, "status": status, **extra}, status_code=status,
+                        headers=headers)
+
+
+@serve.deployment
+@serve.ingress(api)
+class Ingress:
+    def __init__(self, embedder, shards: list, info: dict, settings: dict):
+        self.embedder, self.shards = embedder, shards
+        self.info, self.thresholds = info, info["thresholds"]
+        self.grid, self.image_size = info["grid"], info["image_size"]
+        self.token = settings["token"]
+        self.limits = Limits(**settings["limits"])
+        self.timeout_s = settings["request_timeout_s"]
+        self.has_global = [s["first"] == GLOBAL for s in info["shards"]]
+        self.has_patches = [s["n_patches"] > 0 for s in info["shards"]]
+
+    def _authorized(self, request: Request) -> bool:
+        if not self.token:
+            return True
+        header = request.headers.get("authorization", "")
+        scheme, _, value = header.partition(" ")
+        import hmac
+
+        return scheme.lower() == "bearer" and hmac.compare_digest(value.strip(), self.token)
+
+    @api.get("/v1/health", summary="Liveness; never needs a token")
+    async def health(self) -> dict:
+        return {"status": "ok", "model_id": self.info["model_id"]}
+
+    @api.get("/v1/model", summary="The served model: backbone, weights, scopes, thresholds")
+    async def model(self, request: Request):
+        if not self._authorized(request):
+            return _error(401, "missing or wrong bearer token")
+        return self.info
+
+    @api.get("/openapi.json", include_in_schema=False)
+    async def openapi(self, request: Request):
+        if not self._authorized(request):
+            return _error(401, "missing or wrong bearer token")
+        schema = get_openapi(title=api.title, version=api.version, description=api.description,
+                             routes=api.routes)
+        schema.setdefault("components", {})["securitySchemes"] = {
+            "bearer": {"type": "http", "scheme": "bearer"}}
+        return schema
+
+    @api.post("/v1/detect", summary="Score one or many frames", openapi_extra=DETECT_BODY)
+    async def detect(self, request: Request):
+        start = time.perf_counter()
+        if not self._authorized(request):
+            return _error(401, "missing or wrong bearer token")
+        try:
+            images, opts = await self._parse(request)
+            if opts.method == "hdbscan" and not self.info["hdbscan"]:
+                raise ApiError(422, "this model was fitted without HDBSCAN; use method=kmeans")
+            thresholds = opts.thresholds(self.thresholds)
+            t0 = time.perf_counter()
+            frames = [decode_image(img, self.image_size, self.limits) for img in images]
+            decode_ms = 1000 * (time.perf_counter() - t0)
+        except ApiError as exc:
+            return _error(exc.status, exc.reason)
+        try:
+            answers = await asyncio.wait_for(
+                asyncio.gather(*(self._one(f, opts) for f in frames)), self.timeout_s)
+        except asyncio.TimeoutError:
+            return _error(504, f"no answer from the backends within {self.timeout_s:.0f} s",
+                          retry=True)
+        except Exception as exc:  # a replica died or failed mid-request
+            return _error(503, f"a backend failed: {exc.__class__.__name__}: "
+                               f"{str(exc).splitlines()[0][:300] if str(exc) else ''}", retry=True)
+        results = []
+        for i, (img, (global_conf, patch_conf, timing)) in enumerate(zip(images, answers)):
+            answer = frame_answer(i, img.name, opts, thresholds, self.grid, global_conf, patch_conf)
+            answer["timings_ms"] = {"decode": round(decode_ms / len(images), 3), **timing}
+            results.append(answer)
+        return {"model_id": self.info["model_id"], "results": results,
+                "timings_ms": {"total": round(1000 * (time.perf_counter() - start), 3)}}
+
+    async def _parse(self, request: Request) -> tuple[list[ImageInput], DetectOptions]:
+        check_content_length(request.headers.get("content-length"), self.limits)
+        kind = media_type(request.headers.get("content-type"))
+        fields = dict(request.query_params)
+        if kind in JSON_TYPES:
+            images, body_fields = images_from_json(await request.body(), self.limits)
+            fields.update({k: v for k, v in body_fields.items() if v is not None})
+        elif kind == MULTIPART:
+            try:
+                form = await request.form(max_files=4 * self.limits.max_images + 8,
+                                          max_part_size=1 << 20)
+            except Exception as exc:
+                raise ApiError(400, f"malformed multipart body: {exc}") from None
+            files = []
+            for key, value in form.multi_items():
+                if isinstance(value, str):
+                    fields[key] = value
+                else:
+                    files.append((value.filename or key, await value.read()))
+            images = images_from_form(files, self.limits)
+        elif kind.startswith("image/"):
+            body = await request.body()
+            if not body:
+                raise ApiError(400, "empty body")
+            images = images_from_form([("body", body)], self.limits)
+        elif not kind:
+            raise ApiError(415 if await request.body() else 400,
+                           "no Content-Type: send multipart/form-data, application/json or image/*")
+        else:
+            raise ApiError(415, f"unsupported content type {kind!r}: send multipart/form-data, "
+                                "application/json or image/*")
+        return images, parse_options(fields)
+
+    async def _one(self, frame: np.ndarray, opts: DetectOptions):
+        embedding = self.embedder.embed.remote(frame)
+        wanted = [i for i in range(len(self.shards))
+                  if (opts.scope != "local" and self.has_global[i])
+                  or (opts.scope != "global" and self.has_patches[i])]
+        parts = await asyncio.gather(*(self.shards[i].score.remote(embedding, opts.method,
+                                                                   opts.scope) for i in wanted))
+        global_conf, patch_conf = None, None
+        if opts.scope != "global":
+            patch_conf = np.empty(self.grid * self.grid, np.float32)
+        for part in parts:
+            if part["global"] is not None:
+                global_conf = part["global"]
+            if part["local"] is not None:
+                lo, hi = part["patch_range"]
+                patch_conf[lo:hi] = part["local"]
+        timing = {"embed": round(parts[0]["embed_ms"], 3), "embed_batch": parts[0]["embed_batch"],
+                  "score": round(max(p["ms"] for p in parts), 3),
+                  "score_batches": [p["batch"] for p in parts]}
+        return global_conf, patch_conf, timing
+
+
+# --- building the application ------------------------------------------------------------------
+def _check_weights(doc: dict, weights: str | None) -> str | None:
+    """The weights the embedder will load; refuses weights other than the model was fitted on."""
+    from .backbones import get_spec, weights_fingerprint
+
+    emb = doc["embeddings"]
+    weights = weights or emb["weights"]
+    spec = get_spec(doc["backbone"], emb["image_size"])
+    local_or_random = weights == "random" or os.path.isdir(weights)
+    if local_or_random:
+        if os.path.isdir(weights):
+            weights = str(Path(weights).resolve())
+        got = weights_fingerprint(spec, weights)["weights_sha256"]
+        if got != emb["weights_sha256"]:
+            raise ValueError(f"weights {weights} (sha256 {got[:12]}) are not the ones the model "
+                             f"was fitted on ({emb['weights_sha256'][:12]}); give --weights")
+    return weights
+
+
+def model_info(cfg: ServeConfig, doc: dict, groups: list[list[str]]) -> dict:
+    emb = doc["embeddings"]
+    return {
+        "model_id": model_id(doc),
+        "model_dir": cfg.model_dir,
+        "backbone": doc["backbone"],
+        "weights": emb["weights"], "weights_sha256": emb["weights_sha256"],
+        "image_size": emb["image_size"], "patch_size": emb["patch_size"], "grid": emb["grid"],
+        "num_patches": emb["num_patches"], "dim": emb["dim"],
+        "scopes": 1 + emb["num_patches"], "train_frames": doc["train"]["n_frames"],
+        "hdbscan": bool(doc["params"].get("hdbscan")),
+        "methods": ["kmeans"] + (["hdbscan"] if doc["params"].get("hdbscan") else []),
+        "thresholds": effective_thresholds(doc, cfg.thresholds),
+        "index": cfg.index,
+        "shards": [{"index": i, "first": g[0], "last": g[-1], "n_scopes": len(g),
+                    "n_patches": sum(s != GLOBAL for s in g)} for i, g in enumerate(groups)],
+        "batching": {"embed_batch": cfg.embed_batch, "shard_batch": cfg.shard_batch,
+                     "batch_wait_ms": cfg.batch_wait_ms},
+        "limits": dataclasses.asdict(cfg.limits),
+    }
+
+
+def _cluster_has_gpu() -> bool:
+    import ray
+
+    return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+
+
+def build_app(cfg: ServeConfig):
+    """The Serve application graph for one model directory."""
+    cfg = dataclasses.replace(cfg, model_dir=str(Path(cfg.model_dir).resolve()))
+    doc = read_model_json(cfg.model_dir)
+    if cfg.index not in ("exact", "chroma"):
+        raise ValueError(f"index must be exact or chroma, got {cfg.index!r}")
+    weights = _check_weights(doc, cfg.weights)
+    n_shards = cfg.shards or len(doc["shards"])
+    num_patches = int(doc["embeddings"]["num_patches"])
+    if not 1 <= n_shards <= 1 + num_patches:
+        raise ValueError(f"shards must be between 1 and {1 + num_patches}, got {n_shards}")
+    groups = shard_scopes(num_patches, n_shards)
+    info = model_info(cfg, doc, groups)
+    token = cfg.token if cfg.token is not None else os.environ.get(TOKEN_ENV) or None
+    wait_s = cfg.batch_wait_ms / 1000
+    gpu = cfg.use_gpu if cfg.use_gpu is not None else _cluster_has_gpu()
+    embedder = Embedder.options(
+        num_replicas=cfg.embed_replicas, max_ongoing_requests=4 * cfg.embed_batch,
+        ray_actor_options={"num_cpus": cfg.embed_cpus, "num_gpus": 1 if gpu else 0},
+    ).bind(doc["backbone"], weights, int(doc["embeddings"]["image_size"]), cfg.embed_threads,
+           cfg.embed_batch, wait_s)
+    shards = [ScopeShard.options(
+        name=f"ScopeShard{i}", num_replicas=cfg.shard_replicas,
+        max_ongoing_requests=4 * cfg.shard_batch, ray_actor_options={"num_cpus": cfg.shard_cpus},
+    ).bind(cfg.model_dir, group, cfg.index, cfg.shard_threads, cfg.shard_batch, wait_s)
+        for i, group in enumerate(groups)]
+    settings = {"token": token, "limits": dataclasses.asdict(cfg.limits),
+                "request_timeout_s": cfg.request_timeout_s}
+    return Ingress.options(
+        num_replicas=cfg.ingress_replicas, max_ongoing_requests=256,
+        ray_actor_options={"num_cpus": cfg.ingress_cpus},
+    ).bind(embedder, shards, info, settings)
+
+
+def app_builder(args: dict):
+    """Entry point for ``serve run vitad_ray.serve:app_builder model_dir=...`` and RayService."""
+    return build_app(ServeConfig.from_args(dict(args)))
+
+
+def start(cfg: ServeConfig, name: str = APP_NAME):
+    """Start Serve's HTTP proxy on cfg.host:cfg.port and deploy the app; returns its URL."""
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.run(build_app(cfg), name=name, route_prefix=cfg.route_prefix, blocking=False)
+    prefix = cfg.route_prefix.rstrip("/")
+    return f"http://{cfg.host}:{cfg.port}{prefix}"

@@ -1,0 +1,213 @@
+"""The HTTP contract of the detection endpoint: request parsing, validation and answers.
+
+Kept free of Ray so the rules can be read (and tested) on their own. Every rejection is an
+``ApiError`` carrying the HTTP status and a reason a client can act on.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .backbones import resize_frame
+
+METHODS = ("kmeans", "hdbscan")
+SCOPES = ("global", "local", "both")
+JSON_TYPES = ("application/json",)
+MULTIPART = "multipart/form-data"
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.status, self.reason = status, reason
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_images: int = 32
+    max_image_bytes: int = 8 << 20
+    max_pixels: int = 40_000_000  # decompression bombs: a small file can declare a huge canvas
+
+    @property
+    def max_body_bytes(self) -> int:
+        # base64 grows data by 4/3; leave room for the JSON or multipart framing.
+        return self.max_images * (self.max_image_bytes * 4 // 3 + 4096) + 65536
+
+
+@dataclass
+class DetectOptions:
+    method: str = "kmeans"
+    scope: str = "both"
+    threshold: float | None = None          # both global and patch threshold
+    global_threshold: float | None = None
+    patch_threshold: float | None = None
+
+    def thresholds(self, defaults: dict) -> dict:
+        """{"global": t, "patch": t} for this request's method, overrides applied."""
+        base = defaults[self.method]
+        glob = next(t for t in (self.global_threshold, self.threshold, base["global"])
+                    if t is not None)
+        patch = next(t for t in (self.patch_threshold, self.threshold, base["patch"])
+                     if t is not None)
+        return {"global": float(glob), "patch": float(patch)}
+
+
+@dataclass
+class ImageInput:
+    name: str
+    data: bytes = field(repr=False)
+
+
+def parse_options(fields: dict) -> DetectOptions:
+    """Options from query parameters, form fields or JSON keys (strings or numbers)."""
+    opts = DetectOptions()
+    method = fields.get("method")
+    if method is not None:
+        if method not in METHODS:
+            raise ApiError(422, f"method must be one of {list(METHODS)}, got {method!r}")
+        opts.method = method
+    scope = fields.get("scope")
+    if scope is not None:
+        if scope not in SCOPES:
+            raise ApiError(422, f"scope must be one of {list(SCOPES)}, got {scope!r}")
+        opts.scope = scope
+    for key in ("threshold", "global_threshold", "patch_threshold"):
+        if fields.get(key) is not None:
+            setattr(opts, key, _threshold(key, fields[key]))
+    return opts
+
+
+def _threshold(key: str, value) -> float:
+    try:
+        t = float(value)
+    except (TypeError, ValueError):
+        raise ApiError(422, f"{key} must be a number, got {value!r}") from None
+    if not math.isfinite(t) or t < 0:
+        raise ApiError(422, f"{key} must be a finite number >= 0, got {value!r}")
+    return t
+
+
+def media_type(content_type: str | None) -> str:
+    return (content_type or "").split(";")[0].strip().lower()
+
+
+def check_content_length(header: str | None, limits: Limits) -> None:
+    if header is None:
+        return
+    try:
+        length = int(header)
+    except ValueError:
+        raise ApiError(400, f"bad Content-Length {header!r}") from None
+    if length == 0:
+        raise ApiError(400, "empty body: send images as multipart files or JSON "
+                            '{"images": ["<base64>", ...]}')
+    if length > limits.max_body_bytes:
+        raise ApiError(413, f"request body of {length} bytes is over the limit of "
+                            f"{limits.max_body_bytes} bytes")
+
+
+def images_from_json(body: bytes, limits: Limits) -> tuple[list[ImageInput], dict]:
+    """JSON ``{"images": ["<base64>" | {"name": str, "data": "<base64>"}, ...], options...}``."""
+    if not body:
+        raise ApiError(400, 'empty body: expected JSON {"images": ["<base64>", ...]}')
+    try:
+        doc = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ApiError(400, f"body is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict) or "images" not in doc:
+        raise ApiError(422, 'JSON body must be an object with an "images" list')
+    raw = doc["images"]
+    if not isinstance(raw, list):
+        raise ApiError(422, f'"images" must be a list of base64 strings, got {type(raw).__name__}')
+    _check_count(len(raw), limits)
+    images = []
+    for i, item in enumerate(raw):
+        name = f"images[{i}]"
+        if isinstance(item, dict):
+            name = str(item.get("name", name))
+            item = item.get("data")
+        if not isinstance(item, str):
+            raise ApiError(422, f"images[{i}] must be a base64 string (or an object with a base64 "
+                                f'"data" string), got {type(item).__name__}')
+        if item.startswith("data:") and "," in item:  # data URLs from browsers
+            item = item.split(",", 1)[1]
+        if len(item) > limits.max_image_bytes * 4 // 3 + 4:
+            raise ApiError(413, f"images[{i}] is over the limit of {limits.max_image_bytes} bytes")
+        try:
+            data = base64.b64decode(item, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise ApiError(422, f"images[{i}] is not valid base64: {exc}") from None
+        images.append(_checked(ImageInput(name, data), limits))
+    options = {k: v for k, v in doc.items() if k != "images"}
+    return images, options
+
+
+def images_from_form(files: list[tuple[str, bytes]], limits: Limits) -> list[ImageInput]:
+    _check_count(len(files), limits)
+    return [_checked(ImageInput(name, data), limits) for name, data in files]
+
+
+def _check_count(n: int, limits: Limits) -> None:
+    if n == 0:
+        raise ApiError(422, "no images in the request")
+    if n > limits.max_images:
+        raise ApiError(413, f"too many images: {n} > the limit of {limits.max_images} per request")
+
+
+def _checked(image: ImageInput, limits: Limits) -> ImageInput:
+    if not image.data:
+        raise ApiError(422, f"{image.name} is empty")
+    if len(image.data) > limits.max_image_bytes:
+        raise ApiError(413, f"{image.name} is {len(image.data)} bytes, over the limit of "
+                            f"{limits.max_image_bytes} bytes")
+    return image
+
+
+def decode_image(image: ImageInput, size: int, limits: Limits) -> np.ndarray:
+    """Fully decode one image and resize it whole to size x size RGB uint8."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(image.data)) as img:
+            if img.width * img.height > limits.max_pixels:
+                raise ApiError(413, f"{image.name} is {img.width}x{img.height} pixels, over the "
+                                    f"limit of {limits.max_pixels}")
+            img.load()  # a truncated file fails here, not later
+            pixels = np.asarray(img.convert("RGB"))
+    except ApiError:
+        raise
+    except UnidentifiedImageError:
+        raise ApiError(422, f"{image.name} is not an image PIL can read "
+                            f"(first bytes {image.data[:8]!r})") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ApiError(422, f"{image.name} cannot be decoded: {exc}") from None
+    if pixels.size == 0:
+        raise ApiError(422, f"{image.name} has no pixels")
+    return resize_frame(pixels, size)
+
+
+def frame_answer(index: int, name: str, opts: DetectOptions, thresholds: dict, grid: int,
+                 global_conf: float | None, patch_conf: np.ndarray | None) -> dict:
+    """The answer for one image; decisions use the same rules as `vitad score`."""
+    from .score import majority_anomalous
+
+    out = {"index": index, "name": name, "method": opts.method}
+    if global_conf is not None:
+        out["global"] = {"confidence": float(global_conf), "threshold": thresholds["global"],
+                         "anomalous": bool(global_conf >= thresholds["global"])}
+    if patch_conf is not None:
+        n_anom = int((patch_conf >= thresholds["patch"]).sum())
+        out["local"] = {
+            "n_anomalous": n_anom, "n_patches": int(patch_conf.size),
+            "threshold": thresholds["patch"],
+            "anomalous": bool(majority_anomalous(n_anom, patch_conf.size)),
+            "grid": patch_conf.reshape(grid, grid).astype(float).tolist(),
+        }
+    return out
