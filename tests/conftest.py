@@ -7,9 +7,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+import csv  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+
+from .tiny_scene import FRAMES, TEST_CLIPS, TRAIN_CLIPS  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 DINOV2_S = SHARED / "models" / "dinov2-small-imgfocus"
@@ -29,3 +32,43 @@ def ray_local():
     init_ray()  # applies the project's Ray Data settings to this session
     yield ray
     ray.shutdown()
+
+
+# --- one tiny fitted model for the whole session: generated scene -> embed -> fit (2 shards) ----
+
+
+@pytest.fixture(scope="session")
+def scene(tmp_path_factory):
+    from vitad_ray.frames import items_from_manifest, items_from_videos
+    from vitad_ray.synthetic import SceneConfig, generate_scene
+
+    root = tmp_path_factory.mktemp("scene")
+    paths = generate_scene(root, SceneConfig(train_clips=TRAIN_CLIPS, test_clips=TEST_CLIPS,
+                                             frames_per_clip=FRAMES, seed=1))
+    # One unreadable frame in the test manifest: it must be reported and skipped.
+    (root / "test" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    with open(paths["test_manifest"], "a", newline="") as fh:
+        csv.writer(fh).writerow(["test", "01", 999, 1, "test/broken.jpg"])
+    items = items_from_videos([paths["train_videos"]], "train", label=0, fps=0) + \
+        items_from_manifest(paths["test_manifest"])
+    return {"root": root, "items": items, "manifest": paths["test_manifest"]}
+
+
+@pytest.fixture(scope="session")
+def embedded(ray_local, scene, tmp_path_factory):
+    from vitad_ray.embed import BackboneChoice, run_embedding
+
+    out = tmp_path_factory.mktemp("emb")
+    choices = [BackboneChoice("tiny-dinov2"), BackboneChoice("tiny-ijepa")]
+    result = run_embedding(scene["items"], choices, out, batch_size=16, show_progress=False)
+    return {"out": out, "result": result, "choices": choices}
+
+
+@pytest.fixture(scope="session")
+def model(embedded, tmp_path_factory):
+    from vitad_ray.fit import FitConfig, fit_model
+
+    model_dir = tmp_path_factory.mktemp("model")
+    cfg = FitConfig(n_shards=2)
+    result = fit_model(embedded["out"] / "tiny-dinov2", model_dir, cfg, show_progress=False)
+    return {"dir": model_dir, "result": result, "cfg": cfg}

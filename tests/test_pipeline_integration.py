@@ -1,6 +1,5 @@
 """embed -> fit -> score on a generated scene, on a real local Ray cluster with real Chroma."""
 
-import csv
 import json
 import shutil
 
@@ -8,49 +7,18 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from vitad_ray.embed import BackboneChoice, run_embedding
+from vitad_ray.embed import run_embedding
 from vitad_ray.embeddings import load_embeddings
 from vitad_ray.fit import FitConfig, fit_model
-from vitad_ray.frames import items_from_manifest, items_from_videos
 from vitad_ray.metrics import auroc
 from vitad_ray.modeldir import read_model_json, scope_marker
 from vitad_ray.normality import local_density
 from vitad_ray.score import ModelScorer, read_scores, score_embeddings
 from vitad_ray.store import ScopeStore, scope_names
-from vitad_ray.synthetic import SceneConfig, generate_scene
+
+from .tiny_scene import FRAMES, TEST_CLIPS, TRAIN_CLIPS
 
 pytestmark = pytest.mark.integration
-TRAIN_CLIPS, TEST_CLIPS, FRAMES = 4, 2, 24
-
-
-@pytest.fixture(scope="module")
-def scene(tmp_path_factory):
-    root = tmp_path_factory.mktemp("scene")
-    paths = generate_scene(root, SceneConfig(train_clips=TRAIN_CLIPS, test_clips=TEST_CLIPS,
-                                             frames_per_clip=FRAMES, seed=1))
-    # One unreadable frame in the test manifest: it must be reported and skipped.
-    (root / "test" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
-    with open(paths["test_manifest"], "a", newline="") as fh:
-        csv.writer(fh).writerow(["test", "01", 999, 1, "test/broken.jpg"])
-    items = items_from_videos([paths["train_videos"]], "train", label=0, fps=0) + \
-        items_from_manifest(paths["test_manifest"])
-    return {"root": root, "items": items}
-
-
-@pytest.fixture(scope="module")
-def embedded(ray_local, scene, tmp_path_factory):
-    out = tmp_path_factory.mktemp("emb")
-    choices = [BackboneChoice("tiny-dinov2"), BackboneChoice("tiny-ijepa")]
-    result = run_embedding(scene["items"], choices, out, batch_size=16, show_progress=False)
-    return {"out": out, "result": result, "choices": choices}
-
-
-@pytest.fixture(scope="module")
-def model(embedded, tmp_path_factory):
-    model_dir = tmp_path_factory.mktemp("model")
-    cfg = FitConfig(n_shards=2)
-    result = fit_model(embedded["out"] / "tiny-dinov2", model_dir, cfg, show_progress=False)
-    return {"dir": model_dir, "result": result, "cfg": cfg}
 
 
 def test_embedding_writes_every_frame_once_and_reports_the_broken_one(embedded, scene):

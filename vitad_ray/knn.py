@@ -10,6 +10,9 @@ from __future__ import annotations
 import numpy as np
 
 
+SPARE_CANDIDATES = 4
+
+
 def _device(device: str | None):
     import torch
 
@@ -42,15 +45,17 @@ def knn_stacked(queries: np.ndarray, train: np.ndarray, k: int = 1, train_sqnorm
             # |x|^2 - 2 q.x ranks neighbours like the squared distance (|q|^2 is constant per row).
             rank = torch.baddbmm(train_sqnorm[lo:hi].to(dev).unsqueeze(1), q, x.transpose(1, 2),
                                  alpha=-2.0)
-            if k == 1:
-                idx = rank.argmin(dim=-1, keepdim=True)
-            else:
-                idx = torch.topk(rank, k, dim=-1, largest=False, sorted=False).indices
+            # The ranking carries float32 cancellation error, so near-ties can come out in
+            # either order: take a few spare candidates and order them by exact distance. The
+            # nearest vector then no longer depends on k, the batch shape or the thread count.
+            cand = torch.topk(rank, min(n_train, k + SPARE_CANDIDATES), dim=-1, largest=False,
+                              sorted=False).indices
+            cand = torch.sort(cand, dim=-1).values  # equal distances: the lower row wins
             scope_ix = torch.arange(hi - lo, device=dev).view(-1, 1, 1)
-            dist = torch.linalg.vector_norm(x[scope_ix, idx] - q.unsqueeze(2), dim=-1)
-            if k > 1:  # exact distances may reorder near-ties: nearest first
-                dist, order = torch.sort(dist, dim=-1)
-                idx = torch.gather(idx, -1, order)
+            dist = torch.linalg.vector_norm(x[scope_ix, cand] - q.unsqueeze(2), dim=-1)
+            dist, order = torch.sort(dist, dim=-1, stable=True)
+            idx = torch.gather(cand, -1, order)[..., :k]
+            dist = dist[..., :k]
             dist_out[lo:hi] = dist.cpu().numpy()
             idx_out[lo:hi] = idx.cpu().numpy()
     return dist_out, idx_out

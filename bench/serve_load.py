@@ -1,0 +1,234 @@
+"""Load test of the detection endpoint: concurrent clients over real HTTP for N seconds.
+
+For each shard count it deploys the Serve app on a local Ray cluster (or uses --url), then per
+request scope (both = global + local, global):
+  latency: one client, one frame per request, sequential -> p50/p95/p99 of a lone frame;
+  load:    --concurrency clients for --duration seconds -> requests/s, frames/s, p50/p95/p99,
+           errors (any non-200 or transport failure).
+It also measures offline batched scoring of the same frames in this process (the backbone and
+ModelScorer over batches, no HTTP, no Ray) as the reference the endpoint is compared with.
+
+    python bench/serve_load.py runs/ped2/models/dinov2-s14 \
+        --images ../shared/data/ucsd_ped2/frames/test --shards 1 2 --duration 60
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def load_images(root: str, limit: int) -> list[tuple[str, bytes]]:
+    paths = sorted(p for p in Path(root).rglob("*")
+                   if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".tif", ".bmp"))
+    if not paths:
+        sys.exit(f"no images under {root}")
+    step = max(1, len(paths) // limit)
+    return [(p.name, p.read_bytes()) for p in paths[::step][:limit]]
+
+
+def percentiles(ms: list[float]) -> dict:
+    if not ms:
+        return {"p50": None, "p95": None, "p99": None}
+    a = np.asarray(ms)
+    return {f"p{q}": round(float(np.percentile(a, q)), 1) for q in (50, 95, 99)}
+
+
+async def _client(client, url, images, scope, per_request, stop_at, stats, offset):
+    import httpx
+
+    i = offset
+    while time.monotonic() < stop_at:
+        batch = [images[(i + j) % len(images)] for j in range(per_request)]
+        i += per_request * 7
+        files = [("images", (name, data, "application/octet-stream")) for name, data in batch]
+        start = time.perf_counter()
+        try:
+            r = await client.post(url, files=files, data={"scope": scope})
+            ok = r.status_code == 200
+            if not ok:
+                stats["error_samples"].append(f"{r.status_code}: {r.text[:200]}")
+        except httpx.HTTPError as exc:
+            ok = False
+            stats["error_samples"].append(repr(exc)[:200])
+        elapsed = 1000 * (time.perf_counter() - start)
+        if ok:
+            stats["latency_ms"].append(elapsed)
+            stats["frames"] += per_request
+        else:
+            stats["errors"] += 1
+        stats["requests"] += 1
+
+
+async def run_load(url: str, images, scope: str, concurrency: int, duration: float,
+                   per_request: int, token: str | None) -> dict:
+    import httpx
+
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    stats = {"requests": 0, "frames": 0, "errors": 0, "latency_ms": [], "error_samples": []}
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=120, headers=headers, limits=limits) as client:
+        start = time.monotonic()
+        stop_at = start + duration
+        await asyncio.gather(*(_client(client, url + "/v1/detect", images, scope, per_request,
+                                       stop_at, stats, k) for k in range(concurrency)))
+        wall = time.monotonic() - start
+    return {"scope": scope, "concurrency": concurrency, "seconds": round(wall, 1),
+            "requests": stats["requests"], "errors": stats["errors"],
+            "requests_per_s": round(stats["requests"] / wall, 2),
+            "frames_per_s": round(stats["frames"] / wall, 2),
+            **percentiles(stats["latency_ms"]), "error_samples": stats["error_samples"][:5]}
+
+
+def offline_reference(model_dir: str, weights: str | None, images, batch: int) -> dict:
+    """Frames/s of in-process batched decode + embed + score (both scopes, then global only)."""
+    import torch
+
+    from vitad_ray.backbones import create_backbone
+    from vitad_ray.modeldir import read_model_json
+    from vitad_ray.score import ModelScorer
+    from vitad_ray.serve_api import ImageInput, Limits, decode_image
+    from vitad_ray.store import GLOBAL
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    doc = read_model_json(model_dir)
+    emb = doc["embeddings"]
+    backbone = create_backbone(doc["backbone"], weights or emb["weights"], emb["image_size"])
+    out = {}
+    for scope, scopes in (("both", None), ("global", [GLOBAL])):
+        scorer = ModelScorer(model_dir, index="exact", scopes=scopes, hdbscan=False)
+        frames = [decode_image(ImageInput(n, d), emb["image_size"], Limits()) for n, d in images]
+        backbone.embed(np.stack(frames[:2]))  # warm-up
+        start = time.perf_counter()
+        embed_s = 0.0
+        for lo in range(0, len(images), batch):
+            chunk = [decode_image(ImageInput(n, d), emb["image_size"], Limits())
+                     for n, d in images[lo:lo + batch]]
+            t0 = time.perf_counter()
+            g, l = backbone.embed(np.stack(chunk))
+            embed_s += time.perf_counter() - t0
+            scorer.score(g, l, ("kmeans",))
+        wall = time.perf_counter() - start
+        out[scope] = {"frames_per_s": round(len(images) / wall, 2),
+                      "score_only_frames_per_s": round(len(images) / max(1e-9, wall - embed_s), 1)}
+        del scorer
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("model_dir")
+    ap.add_argument("--images", required=True, help="folder of frames to send (recursive)")
+    ap.add_argument("--max-images", type=int, default=120)
+    ap.add_argument("--weights", help="backbone weights (default: the ones model.json names)")
+    ap.add_argument("--shards", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--scopes", nargs="+", default=["both", "global"])
+    ap.add_argument("--duration", type=float, default=60.0, help="seconds of load per phase")
+    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--per-request", type=int, default=1, help="frames per request")
+    ap.add_argument("--latency-requests", type=int, default=30)
+    ap.add_argument("--embed-batch", type=int, default=8)
+    ap.add_argument("--batch-wait-ms", type=float, default=10.0)
+    ap.add_argument("--embed-threads", type=int, default=2)
+    ap.add_argument("--offline-batch", type=int, default=16)
+    ap.add_argument("--no-offline", action="store_true")
+    ap.add_argument("--url", help="an already running endpoint (skips deploying)")
+    ap.add_argument("--token", default=os.environ.get("VITAD_SERVE_TOKEN"))
+    ap.add_argument("--json", help="write the figures here too")
+    args = ap.parse_args()
+
+    images = load_images(args.images, args.max_images)
+    print(f"{len(images)} frames from {args.images}", flush=True)
+    rows = []
+    if not args.no_offline:
+        ref = offline_reference(args.model_dir, args.weights, images, args.offline_batch)
+        print(f"offline batched decode+embed+score (in-process, batch {args.offline_batch}): "
+              + ", ".join(f"{s}: {v['frames_per_s']} frames/s (scoring alone "
+                          f"{v['score_only_frames_per_s']})" for s, v in ref.items()), flush=True)
+        rows.append({"phase": "offline", **ref})
+
+    from ray import serve
+
+    from vitad_ray.runtime import init_ray
+    from vitad_ray.serve import ServeConfig, start
+
+    header = (f"{'shards':>6} {'scope':>6} {'phase':>8} {'conc':>4} {'req/s':>7} {'frames/s':>8} "
+              f"{'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} {'errors':>6}")
+    print(header, flush=True)
+    for n_shards in ([None] if args.url else args.shards):
+        if args.url:
+            url = args.url
+        else:
+            init_ray()
+            cfg = ServeConfig(model_dir=args.model_dir, weights=args.weights, shards=n_shards,
+                              port=_free_port(), token=args.token, embed_batch=args.embed_batch,
+                              batch_wait_ms=args.batch_wait_ms, embed_threads=args.embed_threads,
+                              max_images=max(32, args.per_request))
+            t0 = time.perf_counter()
+            url = start(cfg)
+            print(f"# {n_shards} shard(s) deployed in {time.perf_counter() - t0:.0f} s", flush=True)
+        for scope in args.scopes:
+            asyncio.run(run_load(url, images, scope, 2, 5, 1, args.token))  # warm-up
+            for phase, conc, duration in (("latency", 1, None), ("load", args.concurrency,
+                                                                   args.duration)):
+                if phase == "latency":
+                    res = asyncio.run(_sequential(url, images, scope, args.latency_requests,
+                                                  args.token))
+                else:
+                    res = asyncio.run(run_load(url, images, scope, conc, duration,
+                                               args.per_request, args.token))
+                res.update(phase=phase, shards=n_shards)
+                rows.append(res)
+                print(f"{str(n_shards):>6} {scope:>6} {phase:>8} {conc:>4} "
+                      f"{res['requests_per_s']:>7} {res['frames_per_s']:>8} {res['p50']:>7} "
+                      f"{res['p95']:>7} {res['p99']:>7} {res['errors']:>6}", flush=True)
+                for sample in res["error_samples"]:
+                    print(f"    error: {sample}", flush=True)
+        if not args.url:
+            serve.shutdown()
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+        print(f"wrote {args.json}")
+
+
+async def _sequential(url, images, scope, n, token) -> dict:
+    """One client, one frame at a time: the latency of a lone frame."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    ms, errors, samples = [], 0, []
+    async with httpx.AsyncClient(timeout=120, headers=headers) as client:
+        start = time.monotonic()
+        for i in range(n):
+            name, data = images[(i * 5) % len(images)]
+            t0 = time.perf_counter()
+            r = await client.post(url + "/v1/detect", files=[("images", (name, data))],
+                                  data={"scope": scope})
+            if r.status_code == 200:
+                ms.append(1000 * (time.perf_counter() - t0))
+            else:
+                errors += 1
+                samples.append(f"{r.status_code}: {r.text[:200]}")
+        wall = time.monotonic() - start
+    return {"scope": scope, "concurrency": 1, "seconds": round(wall, 1), "requests": n,
+            "errors": errors, "requests_per_s": round(n / wall, 2),
+            "frames_per_s": round(len(ms) / wall, 2), **percentiles(ms), "error_samples": samples}
+
+
+if __name__ == "__main__":
+    main()

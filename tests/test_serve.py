@@ -1,0 +1,266 @@
+"""The Ray Serve endpoint on a real local Ray cluster, called over real HTTP."""
+
+import base64
+import io
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+
+from vitad_ray.frames import items_from_manifest
+from vitad_ray.modeldir import read_model_json
+from vitad_ray.score import read_scores
+
+pytestmark = pytest.mark.integration
+TOKEN = "test-token-123"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+MAX_IMAGES, MAX_IMAGE_BYTES = 4, 200_000
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def offline_scores(model, embedded, tmp_path_factory):
+    """`vitad score` (exact path) of the test split, computed before Serve holds the CPUs."""
+    from vitad_ray.cli import main
+
+    out = tmp_path_factory.mktemp("offline") / "scores.parquet"
+    assert main(["score", str(model["dir"]), str(embedded["out"] / "tiny-dinov2"),
+                 "--out", str(out), "--split", "test", "--index", "exact"]) == 0
+    return read_scores(out)
+
+
+@pytest.fixture(scope="module")
+def served(model, ray_local, offline_scores):
+    from ray import serve
+
+    from vitad_ray.serve import ServeConfig, start
+
+    # 40 ms batch wait: concurrent requests in the tests must meet in one batch.
+    cfg = ServeConfig(model_dir=str(model["dir"]), shards=2, port=_free_port(), token=TOKEN,
+                      embed_batch=8, shard_batch=16, batch_wait_ms=40, embed_threads=1,
+                      max_images=MAX_IMAGES, max_image_bytes=MAX_IMAGE_BYTES,
+                      request_timeout_s=30)
+    url = start(cfg)
+    with httpx.Client(base_url=url, timeout=60) as client:
+        yield {"url": url, "client": client, "cfg": cfg}
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def test_frames(scene):
+    """(frame_id, png bytes) of the readable test frames."""
+    items = [it for it in items_from_manifest(scene["manifest"]) if it["frame_index"] != 999]
+    return [(f"{it['clip']}/{it['frame_index']}", open(it["path"], "rb").read()) for it in items]
+
+
+def _detect(client, images, headers=AUTH, **fields):
+    files = [("images", (name, data, "image/png")) for name, data in images]
+    return client.post("/v1/detect", files=files, data=fields, headers=headers)
+
+
+def test_health_model_and_schema(served, model):
+    client = served["client"]
+    health = client.get("/v1/health")  # no token needed
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    assert client.get("/v1/model").status_code == 401
+    assert client.get("/openapi.json").status_code == 401
+    info = client.get("/v1/model", headers=AUTH).json()
+    doc = read_model_json(model["dir"])
+    assert info["backbone"] == "tiny-dinov2" and info["scopes"] == 257
+    assert info["weights_sha256"] == doc["embeddings"]["weights_sha256"]
+    assert info["thresholds"]["kmeans"] == doc["thresholds"]["kmeans"]
+    assert [s["n_scopes"] for s in info["shards"]] == [129, 128]
+    assert info["model_id"] == health.json()["model_id"]
+    schema = client.get("/openapi.json", headers=AUTH).json()
+    body = schema["paths"]["/v1/detect"]["post"]["requestBody"]["content"]
+    assert {"multipart/form-data", "application/json"} <= set(body)
+    assert {"/v1/health", "/v1/model"} <= set(schema["paths"])
+
+
+def test_answers_equal_vitad_score(served, offline_scores, test_frames):
+    df, arrays = offline_scores
+    row = {fid: i for i, fid in enumerate(df["frame_id"])}
+    client, frames = served["client"], test_frames[::3]
+    for method in ("kmeans", "hdbscan"):
+        answers = []
+        for lo in range(0, len(frames), MAX_IMAGES):
+            r = _detect(client, frames[lo:lo + MAX_IMAGES], method=method)
+            assert r.status_code == 200, r.text
+            answers.extend(r.json()["results"])
+        # One request as JSON with base64 too: the same answers.
+        r = client.post("/v1/detect", headers=AUTH, json={
+            "images": [base64.b64encode(frames[0][1]).decode()], "method": method})
+        assert r.status_code == 200, r.text
+        assert r.json()["results"][0]["local"]["grid"] == answers[0]["local"]["grid"]
+        for (fid, _), a in zip(frames, answers):
+            i = row[fid]
+            np.testing.assert_allclose(a["global"]["confidence"], df[f"global_{method}"][i],
+                                       atol=1e-5)
+            grid = np.asarray(a["local"]["grid"])
+            assert grid.shape == (16, 16)
+            np.testing.assert_allclose(grid.ravel(), arrays[f"local_{method}"][i], atol=1e-5)
+            assert a["local"]["n_anomalous"] == df[f"local_{method}_n_anomalous"][i]
+            assert a["local"]["anomalous"] == bool(df[f"local_{method}_anomalous"][i])
+            assert a["global"]["anomalous"] == bool(df[f"global_{method}_anomalous"][i])
+
+
+def test_scope_and_threshold_overrides(served, test_frames):
+    client, frame = served["client"], [test_frames[5]]
+    base = _detect(client, frame).json()["results"][0]
+    only_global = _detect(client, frame, scope="global").json()["results"][0]
+    assert "local" not in only_global
+    assert only_global["global"]["confidence"] == base["global"]["confidence"]
+    only_local = _detect(client, frame, scope="local").json()["results"][0]
+    assert "global" not in only_local and only_local["local"]["grid"] == base["local"]["grid"]
+    everything = _detect(client, frame, threshold="0").json()["results"][0]
+    assert everything["global"]["anomalous"] and everything["local"]["n_anomalous"] == 256
+    assert everything["local"]["grid"] == base["local"]["grid"]  # only the decision moves
+    split = _detect(client, frame, global_threshold="0", patch_threshold="1.01").json()
+    split = split["results"][0]
+    assert split["global"]["anomalous"] and split["local"]["n_anomalous"] == 0
+    assert not split["local"]["anomalous"] and split["local"]["threshold"] == 1.01
+
+
+def test_concurrent_requests_are_batched(served, test_frames):
+    client = served["client"]
+
+    def one(i):
+        return _detect(client, [test_frames[i % len(test_frames)]])
+
+    with ThreadPoolExecutor(16) as pool:
+        responses = list(pool.map(one, range(32)))
+    assert all(r.status_code == 200 for r in responses)
+    timings = [r.json()["results"][0]["timings_ms"] for r in responses]
+    assert max(t["embed_batch"] for t in timings) > 1
+    assert max(max(t["score_batches"]) for t in timings) > 1
+
+
+def _png(size=(64, 48)) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((size[1], size[0], 3), np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _jpeg() -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (120, 160, 3), dtype=np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def test_bad_input_gets_a_4xx_with_a_reason(served):
+    client, png = served["client"], _png()
+    big = np.random.default_rng(1).integers(0, 255, (400, 400, 3), dtype=np.uint8)
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(big).save(buf, "PNG")
+    assert len(buf.getvalue()) > MAX_IMAGE_BYTES
+    cases = {
+        "non-image bytes": (lambda: _detect(client, [("notes.txt", b"hello, not an image")]),
+                            422, "not an image"),
+        "truncated jpeg": (lambda: _detect(client, [("cut.jpg", _jpeg()[:600])]), 422,
+                           "cannot be decoded"),
+        "empty body": (lambda: client.post("/v1/detect", headers={
+            **AUTH, "content-type": "application/json"}, content=b""), 400, "empty body"),
+        "wrong content type": (lambda: client.post("/v1/detect", headers={
+            **AUTH, "content-type": "text/plain"}, content=b"x"), 415, "text/plain"),
+        "too many images": (lambda: _detect(client, [("a.png", png)] * (MAX_IMAGES + 1)), 413,
+                            "too many images"),
+        "image over the size limit": (lambda: _detect(client, [("big.png", buf.getvalue())]),
+                                      413, "over the limit"),
+        "base64 field not a list": (lambda: client.post("/v1/detect", headers=AUTH, json={
+            "images": base64.b64encode(png).decode()}), 422, "must be a list"),
+        "base64 item not a string": (lambda: client.post("/v1/detect", headers=AUTH, json={
+            "images": [[1, 2, 3]]}), 422, "must be a base64 string"),
+        "invalid base64": (lambda: client.post("/v1/detect", headers=AUTH, json={
+            "images": ["@@not base64@@"]}), 422, "not valid base64"),
+        "no images key": (lambda: client.post("/v1/detect", headers=AUTH, json={"image": "x"}),
+                          422, '"images" list'),
+        "empty image": (lambda: _detect(client, [("empty.png", b"")]), 422, "is empty"),
+        "unknown method": (lambda: _detect(client, [("a.png", png)], method="svm"), 422,
+                           "method must be one of"),
+        "bad threshold": (lambda: _detect(client, [("a.png", png)], threshold="high"), 422,
+                          "threshold must be a number"),
+        "no token": (lambda: _detect(client, [("a.png", png)], headers={}), 401, "token"),
+        "wrong token": (lambda: _detect(client, [("a.png", png)],
+                                        headers={"Authorization": "Bearer nope"}), 401, "token"),
+    }
+    for name, (send, status, reason) in cases.items():
+        r = send()
+        assert r.status_code == status, f"{name}: {r.status_code} {r.text}"
+        assert reason in r.json()["error"], f"{name}: {r.json()}"
+    # The server keeps serving, and a good image in a request with the PNG works.
+    ok = _detect(client, [("ok.png", png), ("ok2.png", png)])
+    assert ok.status_code == 200 and len(ok.json()["results"]) == 2
+
+
+def test_killed_shard_replica_fails_requests_visibly_then_recovers(served, test_frames):
+    import ray
+    from ray import serve
+
+    client = served["client"]
+    stop_at = [time.monotonic() + 120]
+    log: list[tuple[float, int, str]] = []
+    lock = threading.Lock()
+
+    def load(worker: int):
+        i = worker
+        while time.monotonic() < stop_at[0]:
+            try:
+                r = _detect(client, [test_frames[i % len(test_frames)]])
+                status, text = r.status_code, r.text
+            except httpx.TimeoutException as exc:  # a hung request: the test fails on it
+                status, text = -1, repr(exc)
+            with lock:
+                log.append((time.monotonic(), status, text))
+            i += 4
+
+    threads = [threading.Thread(target=load, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(3)
+    named = [a for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["namespace"] == "serve" and "ScopeShard1" in a["name"]]
+    assert len(named) == 1, named
+    killed_at = time.monotonic()
+    ray.kill(ray.get_actor(named[0]["name"], namespace="serve"), no_restart=True)
+    # Serve notices the dead replica and starts another; then requests succeed again.
+    recovered_at = None
+    while time.monotonic() < killed_at + 90:
+        with lock:
+            after = [s for t, s, _ in log if t > killed_at + 0.5]
+        alive = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                 if a["namespace"] == "serve" and "ScopeShard1" in a["name"]]
+        if alive and alive[0]["name"] != named[0]["name"] and after.count(200) >= 5:
+            recovered_at = time.monotonic()
+            break
+        time.sleep(0.5)
+    stop_at[0] = time.monotonic()
+    for t in threads:
+        t.join(timeout=90)
+    assert not any(t.is_alive() for t in threads), "a client request hung"
+    statuses = [s for _, s, _ in log]
+    failed = [(s, text) for _, s, text in log if s != 200]
+    print(f"\n{len(log)} requests, {len(failed)} failed around the kill: "
+          f"{sorted(set(s for s, _ in failed))}")
+    assert recovered_at is not None, f"no recovery; statuses after the kill: {statuses[-20:]}"
+    assert -1 not in statuses
+    # Every failure is reported as a retryable 5xx JSON error, never a hang or a wrong answer.
+    for status, text in failed:
+        assert status in (503, 504), text
+        assert "backend" in text
+    assert serve.status().applications["vitad"].status == "RUNNING"
