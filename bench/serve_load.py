@@ -139,12 +139,13 @@ def main() -> None:
     ap.add_argument("--shards", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--scopes", nargs="+", default=["both", "global"])
     ap.add_argument("--duration", type=float, default=60.0, help="seconds of load per phase")
-    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--per-request", type=int, default=1, help="frames per request")
     ap.add_argument("--latency-requests", type=int, default=30)
     ap.add_argument("--embed-batch", type=int, default=8)
-    ap.add_argument("--batch-wait-ms", type=float, default=10.0)
+    ap.add_argument("--batch-wait-ms", type=float, default=50.0)
     ap.add_argument("--embed-threads", type=int, default=2)
+    ap.add_argument("--shard-threads", type=int, default=2)
     ap.add_argument("--offline-batch", type=int, default=16)
     ap.add_argument("--no-offline", action="store_true")
     ap.add_argument("--url", help="an already running endpoint (skips deploying)")
@@ -178,6 +179,7 @@ def main() -> None:
             cfg = ServeConfig(model_dir=args.model_dir, weights=args.weights, shards=n_shards,
                               port=_free_port(), token=args.token, embed_batch=args.embed_batch,
                               batch_wait_ms=args.batch_wait_ms, embed_threads=args.embed_threads,
+                              shard_threads=args.shard_threads,
                               max_images=max(32, args.per_request))
             t0 = time.perf_counter()
             url = start(cfg)

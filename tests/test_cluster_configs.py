@@ -50,6 +50,34 @@ def test_kuberay_manifests(name, kind):
 
 
 def test_job_entry_points_exist_for_every_step():
-    for step in ("embed", "fit", "score", "evaluate"):
-        text = (REPO / "jobs" / f"{step}.py").read_text()
-        assert f'run("{step}")' in text
+    from vitad_ray.submit import STEPS, entry_point
+
+    assert set(STEPS) == {"embed", "fit", "score", "evaluate", "serve-deploy"}
+    for step in STEPS:
+        text = (REPO / entry_point(step)).read_text()
+        assert f'run("{step.split("-")[0]}")' in text
+
+
+def test_rayservice_names_the_serve_app_and_valid_settings():
+    import importlib
+
+    from vitad_ray.serve import ServeConfig
+
+    doc = yaml.safe_load((REPO / "cluster/kuberay/rayservice.yaml").read_text())
+    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayService"
+    cluster = doc["spec"]["rayClusterConfig"]
+    assert cluster["rayVersion"] == "2.60.0"
+    assert any(g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu")
+               for g in cluster["workerGroupSpecs"])
+    serve_config = yaml.safe_load(doc["spec"]["serveConfigV2"])
+    (app,) = serve_config["applications"]
+    module, attr = app["import_path"].split(":")
+    builder = getattr(importlib.import_module(module), attr)
+    assert callable(builder)
+    cfg = ServeConfig.from_args(app["args"])  # every setting is one the app knows
+    assert cfg.model_dir.startswith("/runs/") and cfg.use_gpu is True
+    # Ray's own schema for a Serve config accepts it.
+    from ray.serve.schema import ServeDeploySchema
+
+    ServeDeploySchema.model_validate(serve_config) if hasattr(
+        ServeDeploySchema, "model_validate") else ServeDeploySchema.parse_obj(serve_config)

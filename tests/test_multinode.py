@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from vitad_ray.synthetic import SceneConfig, generate_scene
@@ -59,14 +60,16 @@ def test_jobs_run_on_both_nodes_and_match_a_one_node_run(two_nodes, tmp_path):
     logs = _submit(two_nodes["dashboard"], "embed",
                    ["--videos", str(scene["train_videos"]), "--split", "train", "--fps", "0",
                     "--backbone", "tiny-dinov2", "--out", str(emb)])
-    assert "64 frames embedded" in logs
+    assert "64 frames embedded" in logs and "on 2 node(s)" in logs
+    alive = {n["NodeID"] for n in _nodes(two_nodes["address"])}
+    embed_nodes = json.loads((emb / "embed_run.json").read_text())["nodes"]
+    assert set(embed_nodes) == alive and sum(embed_nodes.values()) == 64
     multi = tmp_path / "model-2nodes"
     logs = _submit(two_nodes["dashboard"], "fit",
                    [str(emb / "tiny-dinov2"), "--out", str(multi), "--no-hdbscan"])
     assert "on 2 node(s)" in logs
     nodes = {json.loads(p.read_text())["node_id"] for p in (multi / "scopes").glob("*.json")}
-    alive = {n["NodeID"] for n in _nodes(two_nodes["address"])}
-    assert len(nodes) == 2 and nodes <= alive
+    assert nodes == alive
 
     # The same fit on a one-node cluster of its own gives the same model.
     single = tmp_path / "model-1node"
@@ -74,6 +77,27 @@ def test_jobs_run_on_both_nodes_and_match_a_one_node_run(two_nodes, tmp_path):
                     "--no-hdbscan", "--num-cpus", "1"], env=_env(), check=True,
                    capture_output=True, timeout=600)
     assert_same_model(multi, single, ("global", "patch-000", "patch-255"))
+
+    # The serve-deploy job puts the endpoint on the cluster; it outlives the job.
+    port = _free_port()
+    _submit(two_nodes["dashboard"], "serve-deploy",
+            [str(multi), "--port", str(port), "--embed-batch", "4"])
+    frame = next((tmp_path / "scene" / "test").rglob("*.png")).read_bytes()
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+        assert client.get("/v1/health").json()["status"] == "ok"
+        r = client.post("/v1/detect", files=[("images", ("f.png", frame, "image/png"))])
+        assert r.status_code == 200, r.text
+        answer = r.json()["results"][0]
+        assert 0 <= answer["global"]["confidence"] <= 1
+        assert len(answer["local"]["grid"]) == 16
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _nodes(address: str) -> list[dict]:

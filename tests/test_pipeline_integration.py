@@ -154,7 +154,7 @@ def test_score_rejects_embeddings_of_another_backbone(model, embedded, tmp_path)
         score_embeddings(model["dir"], embedded["out"] / "tiny-ijepa", tmp_path / "x.parquet")
 
 
-def test_incomplete_store_is_reported(model, embedded, tmp_path):
+def test_incomplete_store_is_reported(model, embedded, tmp_path, capsys):
     broken = tmp_path / "model"
     shutil.copytree(model["dir"], broken)
     doc = read_model_json(broken)
@@ -164,6 +164,13 @@ def test_incomplete_store_is_reported(model, embedded, tmp_path):
     store.close()
     with pytest.raises(RuntimeError, match="incomplete"):
         ModelScorer(broken, scopes=["patch-255"])
+    from vitad_ray.cli import main
+
+    assert main(["verify", str(model["dir"])]) == 0
+    assert main(["verify", str(broken)]) == 2
+    captured = capsys.readouterr().out
+    n = TRAIN_CLIPS * FRAMES
+    assert f"incomplete: patch-255: {n - 3} of {n} vectors" in captured
 
 
 @pytest.fixture()

@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default="kmeans,hdbscan")
     _add_ray(p)
 
+    p = sub.add_parser("verify", help="check that every scope of a model is stored whole")
+    p.add_argument("model", help="model directory written by `vitad fit`")
+
     p = sub.add_parser("serve", help="serve a model over HTTP (Ray Serve): POST /v1/detect")
     p.add_argument("model", help="model directory written by `vitad fit`")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
@@ -93,10 +96,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--thresholds", type=json.loads, default={},
                    help='overrides, e.g. \'{"kmeans": {"global": 0.9, "patch": 0.95}}\'')
     p.add_argument("--config", help="JSON or YAML file of serve settings (flags win)")
+    p.add_argument("--detach", action="store_true",
+                   help="deploy and return; the app keeps running on the cluster (`serve "
+                        "shutdown` or `serve delete vitad` stops it)")
     _add_ray(p)
 
     p = sub.add_parser("submit", help="run a step as a Ray job on a cluster (Job API)")
-    p.add_argument("step", choices=["embed", "fit", "score", "evaluate"])
+    p.add_argument("step", choices=["embed", "fit", "score", "evaluate", "serve-deploy"],
+                   help="serve-deploy deploys the endpoint on the cluster (`vitad serve "
+                        "--detach`)")
     p.add_argument("--dashboard", default=None,
                    help="the cluster's dashboard URL (default: RAY_API_SERVER_ADDRESS or "
                         "http://127.0.0.1:8265)")
@@ -172,7 +180,7 @@ def cmd_embed(args) -> dict:
         _say(f"wrote {name} embeddings to {path}")
     _say(f"{res.written} frames embedded, {res.already_present} already present, "
          f"{len(res.errors)} skipped (reasons in {Path(args.out) / 'errors.csv'}), "
-         f"{res.seconds:.1f}s")
+         f"{res.seconds:.1f}s, on {len(res.nodes)} node(s)")
     return {"frames": res.written, "skipped": len(res.errors), "seconds": res.seconds}
 
 
@@ -197,6 +205,38 @@ def cmd_score(args) -> dict:
                            methods=tuple(args.methods.split(",")))
     _say(f"scored {res['frames']} frames in {res['seconds']:.1f}s; wrote {res['path']}")
     return res
+
+
+def cmd_verify(args) -> dict:
+    """Every scope: a marker, a complete collection and (if fitted) its HDBSCAN state."""
+    from .modeldir import hdbscan_path, read_model_json, scope_marker, shard_locations
+    from .store import ScopeStore, collection_name, verify_store
+
+    doc = read_model_json(args.model)
+    n = int(doc["train"]["n_frames"])
+    problems = []
+    for location, scopes in shard_locations(args.model, doc):
+        store = ScopeStore(location)
+        try:
+            report = verify_store(store, {collection_name(doc["backbone"], s): n for s in scopes})
+        finally:
+            store.close()
+        for scope in scopes:
+            got = report[collection_name(doc["backbone"], scope)]
+            if not got["complete"]:
+                problems.append(f"{scope}: {got['found']} of {n} vectors in {location}")
+            if not scope_marker(args.model, scope).exists():
+                problems.append(f"{scope}: no marker (its fit did not finish)")
+            if doc["params"].get("hdbscan") and not hdbscan_path(args.model, scope).exists():
+                problems.append(f"{scope}: no HDBSCAN state")
+    n_scopes = sum(len(s) for _, s in shard_locations(args.model, doc))
+    if problems:
+        for p in problems:
+            _say(f"incomplete: {p}")
+        raise RuntimeError(f"{len(problems)} problem(s) in {args.model}; re-run `vitad fit` with "
+                           "the same arguments to redo those scopes")
+    _say(f"{args.model}: {n_scopes} scopes complete ({n} vectors each)")
+    return {"scopes": n_scopes}
 
 
 def serve_config(args):
@@ -229,7 +269,9 @@ def cmd_serve(args) -> dict:
     init_ray(args.address, args.num_cpus)
     url = start(cfg)
     _say(f"serving {cfg.model_dir} at {url}/v1/detect (health: {url}/v1/health, schema: "
-         f"{url}/openapi.json); Ctrl-C stops")
+         f"{url}/openapi.json)" + ("" if args.detach else "; Ctrl-C stops"))
+    if args.detach:
+        return {"url": url}
     try:
         while True:
             time.sleep(3600)
@@ -341,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
             _say(f"{name:18s} {spec.source or '(random)':40s} {spec.description}")
         return 0
     handler = {"embed": cmd_embed, "fit": cmd_fit, "score": cmd_score, "submit": cmd_submit,
-               "serve": cmd_serve, "evaluate": cmd_evaluate, "demo": cmd_demo}[args.command]
+               "serve": cmd_serve, "verify": cmd_verify, "evaluate": cmd_evaluate, "demo": cmd_demo}[args.command]
     try:
         handler(args)
     except (FileNotFoundError, ValueError, RuntimeError, KeyError, ConnectionError) as exc:

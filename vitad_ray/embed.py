@@ -22,6 +22,7 @@ from .progress import Progress
 from .versions import package_versions
 
 ERRORS_FILE = "errors.csv"
+RUN_LOG_FILE = "embed_run.json"
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class EmbedResult:
     already_present: int = 0
     errors: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    nodes: dict[str, int] = field(default_factory=dict)  # node id -> frames embedded there
 
 
 def decode_batch(batch: dict, sizes: tuple[int, ...]) -> dict:
@@ -77,6 +79,9 @@ class Embedder:
         self.backbone = create_backbone(name, weights, image_size)
         self.prefix = f"emb.{name}"
         self.size = self.backbone.spec.image_size
+        import ray
+
+        self.node_id = ray.get_runtime_context().get_node_id()
 
     def __call__(self, batch: dict) -> dict:
         pixels = batch[f"pixels_{self.size}"]
@@ -88,6 +93,7 @@ class Embedder:
             global_[ok], local[ok] = self.backbone.embed(pixels[ok])
         batch[f"{self.prefix}.global"] = global_
         batch[f"{self.prefix}.local"] = local
+        batch[f"{self.prefix}.node"] = np.full(n, self.node_id, dtype=object)
         return batch
 
 
@@ -113,16 +119,19 @@ def build_dataset(items: list[dict], choices: list[BackboneChoice], batch_size: 
     # hold every CPU, which would leave no room for decoding and stall the stream.
     ds = ds.map_batches(decode_batch, fn_kwargs={"sizes": sizes}, batch_size=8,
                         batch_format="numpy", num_cpus=0.25)
+    nodes = max(1, sum(1 for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU")))
     for choice in choices:
         gpus_each = 1 if gpus else 0
-        n_actors = actors_per_backbone or max(1, gpus // len(choices) if gpus else 1)
+        # Up to one actor per GPU, or per node without GPUs; at least one. The pool shrinks when
+        # a node is lost (its actors are not waited for) and the work goes on elsewhere.
+        n_actors = actors_per_backbone or max(1, gpus // len(choices) if gpus else nodes)
         threads = threads_per_actor or max(1, cpus // max(1, n_actors * len(choices)))
         ds = ds.map_batches(
             Embedder,
             fn_constructor_kwargs={"name": choice.name, "weights": choice.weights,
                                    "image_size": choice.image_size, "threads": threads},
             batch_size=batch_size, batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=n_actors),
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n_actors),
             num_gpus=gpus_each, num_cpus=0.5)
     return ds.drop_columns([f"pixels_{s}" for s in sizes])
 
@@ -166,11 +175,14 @@ def run_embedding(items: list[dict], choices: list[BackboneChoice], out_root: st
                     metadata_written.add(choice.name)
                 writers[choice.name].write(rows, global_, local)
                 written_ids[choice.name].update(rows["frame_id"])
+                for node in batch[f"emb.{choice.name}.node"][keep]:
+                    result.nodes[node] = result.nodes.get(node, 0) + 1
             result.written += len(new_frames)
             progress.update(len(bad), f"{len(result.errors)} skipped")
     progress.close()
     _write_errors(out_root / ERRORS_FILE, result.errors)
     result.seconds = time.perf_counter() - start
+    _write_run_log(out_root, result)
     return result
 
 
@@ -190,6 +202,16 @@ def _metadata(choice: BackboneChoice, global_: np.ndarray, local: np.ndarray) ->
                                     "no centre crop", "mean": spec.mean, "std": spec.std},
         "versions": package_versions(),
     }
+
+
+def _write_run_log(out_root: Path, result: EmbedResult) -> None:
+    """What this run did and where: frames written per node (all backbones counted)."""
+    import json
+
+    (out_root / RUN_LOG_FILE).write_text(json.dumps({
+        "written": result.written, "already_present": result.already_present,
+        "errors": len(result.errors), "seconds": round(result.seconds, 2),
+        "nodes": result.nodes}, indent=2))
 
 
 def _write_errors(path: Path, errors: list[dict]) -> None:

@@ -4,9 +4,10 @@
          -> S ScopeShard deployments (each a contiguous range of the 257 scopes, @serve.batch)
          -> vote -> answer
 
-Each image travels alone through the graph, so Serve's batching groups images across requests:
-the embedder runs one forward pass per batch and each shard one neighbour search per batch. The
-embedding goes from the embedder to the shards as a Ray object reference (the ingress never
+Batching happens where it pays: the ingress gathers the frames of concurrent requests (Serve's
+``@serve.batch``) and sends one stack per batch, the embedder merges stacks from every ingress
+replica into one forward pass, and each shard scores a batch with one neighbour search per scope.
+The embedding goes from the embedder to the shards as a Ray object reference (the ingress never
 copies the patch tensor). ``build_app`` (Python), ``app_builder`` (``serve run`` / a RayService)
 and ``vitad serve`` (CLI) all build the same graph from a ``ServeConfig``.
 """
@@ -52,7 +53,8 @@ class ServeConfig:
     ingress_replicas: int = 1
     embed_batch: int = 16
     shard_batch: int = 32
-    batch_wait_ms: float = 10.0
+    batch_wait_ms: float = 10.0       # the ingress gathering frames of concurrent requests
+    backend_wait_ms: float = 0.0      # embedder and shards: calls arrive batched already
     embed_threads: int = 2
     shard_threads: int = 1
     embed_cpus: float = 0.5
@@ -67,6 +69,9 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     route_prefix: str = "/"
+    # One HTTP proxy, on the head node: several raylets on one machine cannot all bind the same
+    # 127.0.0.1 port. "EveryNode" suits a real cluster with a load balancer in front.
+    proxy_location: str = "HeadOnly"
 
     @classmethod
     def from_args(cls, args: dict) -> "ServeConfig":
@@ -124,9 +129,15 @@ def shard_scopes(num_patches: int, n_shards: int) -> list[list[str]]:
 
 
 # --- deployments ---------------------------------------------------------------------------------
+def frames_in(calls: list) -> int:
+    """Frames in a batch of calls, each carrying a stack of frames (or their embeddings)."""
+    return sum(len(c["global"]) if isinstance(c, dict) else len(c) for c in calls)
+
+
 @serve.deployment
 class Embedder:
-    """The frozen backbone. One forward pass per batch of frames gathered across requests."""
+    """The frozen backbone. One forward pass per batch; a batch gathers the frame stacks of
+    concurrent calls (from every ingress replica) up to ``max_batch`` frames."""
 
     def __init__(self, backbone: str, weights: str | None, image_size: int, threads: int,
                  max_batch: int, batch_wait_s: float):
@@ -139,13 +150,19 @@ class Embedder:
         self.embed.set_max_batch_size(max_batch)
         self.embed.set_batch_wait_timeout_s(batch_wait_s)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def embed(self, frames: list[np.ndarray]) -> list[dict]:
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, batch_size_fn=frames_in)
+    async def embed(self, stacks: list[np.ndarray]) -> list[dict]:
+        frames = np.concatenate(stacks)
         start = time.perf_counter()
-        global_, local = await asyncio.to_thread(self.backbone.embed, np.stack(frames))
+        global_, local = await asyncio.to_thread(self.backbone.embed, frames)
         ms = 1000 * (time.perf_counter() - start)
-        return [{"global": global_[i], "local": local[i], "batch": len(frames), "ms": ms}
-                for i in range(len(frames))]
+        out, lo = [], 0
+        for stack in stacks:
+            hi = lo + len(stack)
+            out.append({"global": global_[lo:hi], "local": local[lo:hi], "batch": len(frames),
+                        "ms": ms})
+            lo = hi
+        return out
 
 
 @serve.deployment
@@ -162,54 +179,66 @@ class ScopeShard:
 
         torch.set_num_threads(max(1, threads))
         self.scorer = ModelScorer(model_dir, index=index, scopes=scopes)
-        has_global = scopes[0] == GLOBAL
+        self.has_global = scopes[0] == GLOBAL
         all_scopes = scope_names(self.scorer.num_patches)
         patches = [all_scopes.index(s) - 1 for s in scopes if s != GLOBAL]
         # Patch positions in the frame's [P, D] array, and the scorer's slices per request scope.
         self.patch_range = (patches[0], patches[-1] + 1) if patches else None
-        self.slices = {"global": slice(0, 1) if has_global else None,
-                       "local": slice(1 if has_global else 0, len(scopes)) if patches else None,
+        self.slices = {"global": slice(0, 1) if self.has_global else None,
+                       "local": slice(int(self.has_global), len(scopes)) if patches else None,
                        "both": slice(0, len(scopes))}
         self.score.set_max_batch_size(max_batch)
         self.score.set_batch_wait_timeout_s(batch_wait_s)
 
-    def _queries(self, embeddings: list[dict], scope: str) -> np.ndarray:
+    def _queries(self, global_: np.ndarray, local: np.ndarray, scope: str) -> np.ndarray:
+        """[S', B, D] for the scopes of ``self.slices[scope]``."""
         parts = []
-        if scope in ("global", "both") and self.slices["global"] is not None:
-            parts.append(np.stack([e["global"] for e in embeddings])[None])  # [1, B, D]
+        if scope in ("global", "both") and self.has_global:
+            parts.append(global_[None])
         if scope in ("local", "both") and self.patch_range:
             lo, hi = self.patch_range
-            parts.append(np.stack([e["local"][lo:hi] for e in embeddings]).transpose(1, 0, 2))
-        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+            parts.append(local[:, lo:hi].transpose(1, 0, 2))
+        return np.concatenate(parts) if len(parts) > 1 else np.ascontiguousarray(parts[0])
 
-    def _score_groups(self, embeddings: list[dict], methods: list[str], scopes: list[str]):
-        out: list[dict | None] = [None] * len(embeddings)
+    def _score_frames(self, global_: np.ndarray, local: np.ndarray, methods: list[str],
+                      scopes: list[str]) -> list[dict | None]:
+        """One result per frame (None where this shard holds none of the frame's scopes)."""
+        out: list[dict | None] = [None] * len(global_)
         groups: dict[tuple[str, str], list[int]] = {}
         for i, key in enumerate(zip(methods, scopes)):
-            groups.setdefault(key, []).append(i)
+            if self.slices[key[1]] is not None:
+                groups.setdefault(key, []).append(i)
         for (method, scope), members in groups.items():
-            slc = self.slices[scope]
-            queries = self._queries([embeddings[i] for i in members], scope)
-            scores = self.scorer.score_queries(queries, (method,), slc)[method]  # [S', B]
-            names = self.scorer.scopes[slc]
-            has_global = names[0] == GLOBAL
+            queries = self._queries(global_[members], local[members], scope)
+            conf = self.scorer.score_queries(queries, (method,), self.slices[scope])[method]
+            first_patch = 1 if self.has_global and scope != "local" else 0
             for j, i in enumerate(members):
-                out[i] = {"global": float(scores[0, j]) if has_global else None,
-                          "local": scores[1 if has_global else 0:, j] if self.patch_range
-                          and scope != "global" else None,
-                          "patch_range": self.patch_range,
-                          "embed_ms": embeddings[i]["ms"], "embed_batch": embeddings[i]["batch"]}
+                out[i] = {"global": float(conf[0, j]) if first_patch else None,
+                          "local": conf[first_patch:, j] if scope != "global" and
+                          self.patch_range else None,
+                          "patch_range": self.patch_range}
         return out
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
-    async def score(self, embeddings: list[dict], methods: list[str], scopes: list[str]
-                    ) -> list[dict]:
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01, batch_size_fn=frames_in)
+    async def score(self, embeddings: list[dict], methods: list[list[str]],
+                    scopes: list[list[str]]) -> list[list[dict | None]]:
+        """Each call: a stack of frame embeddings and each frame's method and scope."""
         start = time.perf_counter()
-        results = await asyncio.to_thread(self._score_groups, embeddings, methods, scopes)
+        global_ = np.concatenate([e["global"] for e in embeddings])
+        local = np.concatenate([e["local"] for e in embeddings])
+        flat = await asyncio.to_thread(self._score_frames, global_, local,
+                                       [m for ms in methods for m in ms],
+                                       [s for ss in scopes for s in ss])
         ms = 1000 * (time.perf_counter() - start)
-        for r in results:
-            r.update(batch=len(embeddings), ms=ms)
-        return results
+        out, lo = [], 0
+        for e in embeddings:
+            hi = lo + len(e["global"])
+            for r in flat[lo:hi]:
+                if r is not None:
+                    r.update(batch=len(global_), ms=ms, embed_ms=e["ms"], embed_batch=e["batch"])
+            out.append(flat[lo:hi])
+            lo = hi
+        return out
 
 
 api = FastAPI(title="vitad_ray anomaly detection", version=__version__, openapi_url=None,
@@ -269,6 +298,8 @@ class Ingress:
         self.timeout_s = settings["request_timeout_s"]
         self.has_global = [s["first"] == GLOBAL for s in info["shards"]]
         self.has_patches = [s["n_patches"] > 0 for s in info["shards"]]
+        self._infer.set_max_batch_size(settings["batch"])
+        self.batch_wait_s, self.in_flight = settings["batch_wait_s"], 0
 
     def _authorized(self, request: Request) -> bool:
         if not self.token:
@@ -306,6 +337,7 @@ class Ingress:
             return _error(401, "missing or wrong bearer token")
         try:
             images, opts = await self._parse(request)
+            receive_ms = 1000 * (time.perf_counter() - start)
             if opts.method == "hdbscan" and not self.info["hdbscan"]:
                 raise ApiError(422, "this model was fitted without HDBSCAN; use method=kmeans")
             thresholds = opts.thresholds(self.thresholds)
@@ -314,19 +346,26 @@ class Ingress:
             decode_ms = 1000 * (time.perf_counter() - t0)
         except ApiError as exc:
             return _error(exc.status, exc.reason)
+        # A lone frame goes straight through; with other requests in flight, wait a little so
+        # that their frames share the forward pass and the neighbour search.
+        self.in_flight += len(frames)
+        self._infer.set_batch_wait_timeout_s(self.batch_wait_s if self.in_flight > 1 else 0.0)
         try:
-            answers = await asyncio.wait_for(
-                asyncio.gather(*(self._one(f, opts) for f in frames)), self.timeout_s)
+            answers = await asyncio.wait_for(asyncio.gather(
+                *(self._infer(f, opts.method, opts.scope) for f in frames)), self.timeout_s)
         except asyncio.TimeoutError:
             return _error(504, f"no answer from the backends within {self.timeout_s:.0f} s",
                           retry=True)
         except Exception as exc:  # a replica died or failed mid-request
             return _error(503, f"a backend failed: {exc.__class__.__name__}: "
                                f"{str(exc).splitlines()[0][:300] if str(exc) else ''}", retry=True)
+        finally:
+            self.in_flight -= len(frames)
         results = []
         for i, (img, (global_conf, patch_conf, timing)) in enumerate(zip(images, answers)):
             answer = frame_answer(i, img.name, opts, thresholds, self.grid, global_conf, patch_conf)
-            answer["timings_ms"] = {"decode": round(decode_ms / len(images), 3), **timing}
+            answer["timings_ms"] = {"receive": round(receive_ms, 3),
+                                    "decode": round(decode_ms / len(images), 3), **timing}
             results.append(answer)
         return {"model_id": self.info["model_id"], "results": results,
                 "timings_ms": {"total": round(1000 * (time.perf_counter() - start), 3)}}
@@ -364,26 +403,34 @@ class Ingress:
                                 "application/json or image/*")
         return images, parse_options(fields)
 
-    async def _one(self, frame: np.ndarray, opts: DetectOptions):
-        embedding = self.embedder.embed.remote(frame)
-        wanted = [i for i in range(len(self.shards))
-                  if (opts.scope != "local" and self.has_global[i])
-                  or (opts.scope != "global" and self.has_patches[i])]
-        parts = await asyncio.gather(*(self.shards[i].score.remote(embedding, opts.method,
-                                                                   opts.scope) for i in wanted))
-        global_conf, patch_conf = None, None
-        if opts.scope != "global":
-            patch_conf = np.empty(self.grid * self.grid, np.float32)
-        for part in parts:
-            if part["global"] is not None:
-                global_conf = part["global"]
-            if part["local"] is not None:
-                lo, hi = part["patch_range"]
-                patch_conf[lo:hi] = part["local"]
-        timing = {"embed": round(parts[0]["embed_ms"], 3), "embed_batch": parts[0]["embed_batch"],
-                  "score": round(max(p["ms"] for p in parts), 3),
-                  "score_batches": [p["batch"] for p in parts]}
-        return global_conf, patch_conf, timing
+    def _needs(self, shard: int, scope: str) -> bool:
+        return (scope != "local" and self.has_global[shard]) or \
+            (scope != "global" and self.has_patches[shard])
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def _infer(self, frames: list[np.ndarray], methods: list[str], scopes: list[str]
+                     ) -> list[tuple]:
+        """Frames of concurrent requests, gathered here so that the backends get one call per
+        batch (a call per frame costs a routing round trip each on a busy machine)."""
+        embedding = self.embedder.embed.remote(np.stack(frames))
+        wanted = [i for i in range(len(self.shards)) if any(self._needs(i, s) for s in scopes)]
+        parts = await asyncio.gather(*(self.shards[i].score.remote(embedding, methods, scopes)
+                                       for i in wanted))
+        out = []
+        for j, scope in enumerate(scopes):
+            got = [p[j] for p in parts if p[j] is not None]
+            global_conf = next((g["global"] for g in got if g["global"] is not None), None)
+            patch_conf = None
+            if scope != "global":
+                patch_conf = np.empty(self.grid * self.grid, np.float32)
+                for g in got:
+                    lo, hi = g["patch_range"]
+                    patch_conf[lo:hi] = g["local"]
+            timing = {"embed": round(got[0]["embed_ms"], 3), "embed_batch": got[0]["embed_batch"],
+                      "score": round(max(g["ms"] for g in got), 3),
+                      "score_batches": [g["batch"] for g in got]}
+            out.append((global_conf, patch_conf, timing))
+        return out
 
 
 # --- building the application ------------------------------------------------------------------
@@ -447,20 +494,22 @@ def build_app(cfg: ServeConfig):
     groups = shard_scopes(num_patches, n_shards)
     info = model_info(cfg, doc, groups)
     token = cfg.token if cfg.token is not None else os.environ.get(TOKEN_ENV) or None
-    wait_s = cfg.batch_wait_ms / 1000
+    wait_s, backend_wait_s = cfg.batch_wait_ms / 1000, cfg.backend_wait_ms / 1000
     gpu = cfg.use_gpu if cfg.use_gpu is not None else _cluster_has_gpu()
     embedder = Embedder.options(
         num_replicas=cfg.embed_replicas, max_ongoing_requests=4 * cfg.embed_batch,
         ray_actor_options={"num_cpus": cfg.embed_cpus, "num_gpus": 1 if gpu else 0},
     ).bind(doc["backbone"], weights, int(doc["embeddings"]["image_size"]), cfg.embed_threads,
-           cfg.embed_batch, wait_s)
+           cfg.embed_batch, backend_wait_s)
     shards = [ScopeShard.options(
         name=f"ScopeShard{i}", num_replicas=cfg.shard_replicas,
         max_ongoing_requests=4 * cfg.shard_batch, ray_actor_options={"num_cpus": cfg.shard_cpus},
-    ).bind(cfg.model_dir, group, cfg.index, cfg.shard_threads, cfg.shard_batch, wait_s)
+    ).bind(cfg.model_dir, group, cfg.index, cfg.shard_threads,
+           max(cfg.shard_batch, cfg.embed_batch), backend_wait_s)
         for i, group in enumerate(groups)]
     settings = {"token": token, "limits": dataclasses.asdict(cfg.limits),
-                "request_timeout_s": cfg.request_timeout_s}
+                "request_timeout_s": cfg.request_timeout_s, "batch": cfg.embed_batch,
+                "batch_wait_s": wait_s}
     return Ingress.options(
         num_replicas=cfg.ingress_replicas, max_ongoing_requests=256,
         ray_actor_options={"num_cpus": cfg.ingress_cpus},
@@ -474,7 +523,8 @@ def app_builder(args: dict):
 
 def start(cfg: ServeConfig, name: str = APP_NAME):
     """Start Serve's HTTP proxy on cfg.host:cfg.port and deploy the app; returns its URL."""
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.start(proxy_location=cfg.proxy_location,
+                http_options={"host": cfg.host, "port": cfg.port})
     serve.run(build_app(cfg), name=name, route_prefix=cfg.route_prefix, blocking=False)
     prefix = cfg.route_prefix.rstrip("/")
     return f"http://{cfg.host}:{cfg.port}{prefix}"

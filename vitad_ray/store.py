@@ -123,3 +123,15 @@ class ScopeStore:
         dist = np.sqrt(np.maximum(np.asarray(res["distances"], np.float64), 0.0))
         rows = np.asarray([[m["row"] for m in metas] for metas in res["metadatas"]], np.int64)
         return dist.astype(np.float32), rows
+
+
+def verify_store(store: ScopeStore, expected: dict[str, int]) -> dict[str, dict]:
+    """Per collection: expected and found record counts, and whether it is complete.
+
+    A writer killed mid-write leaves a collection short (or missing): this says so, by name.
+    """
+    out = {}
+    for name, n in expected.items():
+        found = store.count(name)
+        out[name] = {"expected": int(n), "found": int(found), "complete": found == n}
+    return out
