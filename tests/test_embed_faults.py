@@ -50,10 +50,10 @@ def test_worker_node_killed_during_embedding_loses_and_duplicates_nothing(tmp_pa
         scene = generate_scene(tmp_path / "scene", SceneConfig(train_clips=6, test_clips=1,
                                                                frames_per_clip=40, seed=4))
         out = tmp_path / "emb"
-        # 448-pixel inputs and small batches: slow enough that the node dies mid-stream.
+        # 896-pixel inputs (4,096 patches): slow enough that the node dies mid-stream.
         embed = subprocess.Popen(
             [str(BIN / "vitad"), "embed", "--videos", str(scene["train_videos"]), "--split",
-             "train", "--fps", "0", "--backbone", "tiny-dinov2", "--image-size", "448",
+             "train", "--fps", "0", "--backbone", "tiny-dinov2", "--image-size", "896",
              "--batch-size", "4", "--out", str(out),
              "--address", (state / "address").read_text().strip()],
             env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

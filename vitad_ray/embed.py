@@ -72,13 +72,16 @@ def _columns(rows: list[dict], sizes: tuple[int, ...]) -> dict:
 class Embedder:
     """Ray Data actor: holds one backbone and embeds batches of decoded frames."""
 
-    def __init__(self, name: str, weights: str | None, image_size: int | None, threads: int):
+    def __init__(self, name: str, weights: str | None, image_size: int | None, threads: int,
+                 drop_pixels: tuple[int, ...] = ()):
         import torch
 
         torch.set_num_threads(max(1, threads))
         self.backbone = create_backbone(name, weights, image_size)
         self.prefix = f"emb.{name}"
         self.size = self.backbone.spec.image_size
+        # The last pool drops the pixels: no separate (CPU-holding) task just to drop columns.
+        self.drop = [f"pixels_{s}" for s in drop_pixels]
         import ray
 
         self.node_id = ray.get_runtime_context().get_node_id()
@@ -94,6 +97,8 @@ class Embedder:
         batch[f"{self.prefix}.global"] = global_
         batch[f"{self.prefix}.local"] = local
         batch[f"{self.prefix}.node"] = np.full(n, self.node_id, dtype=object)
+        for key in self.drop:
+            batch.pop(key, None)
         return batch
 
 
@@ -120,7 +125,7 @@ def build_dataset(items: list[dict], choices: list[BackboneChoice], batch_size: 
     ds = ds.map_batches(decode_batch, fn_kwargs={"sizes": sizes}, batch_size=8,
                         batch_format="numpy", num_cpus=0.25)
     nodes = max(1, sum(1 for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU")))
-    for choice in choices:
+    for i, choice in enumerate(choices):
         gpus_each = 1 if gpus else 0
         # Up to one actor per GPU, or per node without GPUs; at least one. The pool shrinks when
         # a node is lost (its actors are not waited for) and the work goes on elsewhere.
@@ -129,11 +134,12 @@ def build_dataset(items: list[dict], choices: list[BackboneChoice], batch_size: 
         ds = ds.map_batches(
             Embedder,
             fn_constructor_kwargs={"name": choice.name, "weights": choice.weights,
-                                   "image_size": choice.image_size, "threads": threads},
+                                   "image_size": choice.image_size, "threads": threads,
+                                   "drop_pixels": sizes if i == len(choices) - 1 else ()},
             batch_size=batch_size, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n_actors),
             num_gpus=gpus_each, num_cpus=0.5)
-    return ds.drop_columns([f"pixels_{s}" for s in sizes])
+    return ds
 
 
 def run_embedding(items: list[dict], choices: list[BackboneChoice], out_root: str | Path,
@@ -155,7 +161,9 @@ def run_embedding(items: list[dict], choices: list[BackboneChoice], out_root: st
                         enabled=show_progress)
     if todo:
         ds = build_dataset(todo, choices, batch_size, actors_per_backbone, threads_per_actor)
-        for batch in ds.iter_batches(batch_size=256, batch_format="numpy"):
+        # Whole blocks as they come: each is written (and survives a crash) without waiting
+        # for later ones.
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             bad = np.asarray([bool(e) for e in batch["error"]])
             for i in np.flatnonzero(bad):
                 result.errors.append({"source": batch["source"][i], "frame_id": batch["frame_id"][i],
