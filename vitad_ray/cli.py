@@ -180,7 +180,8 @@ def cmd_embed(args) -> dict:
         _say(f"wrote {name} embeddings to {path}")
     _say(f"{res.written} frames embedded, {res.already_present} already present, "
          f"{len(res.errors)} skipped (reasons in {Path(args.out) / 'errors.csv'}), "
-         f"{res.seconds:.1f}s, on {len(res.nodes)} node(s)")
+         f"{res.seconds:.1f}s; decoded on {len(res.decode_nodes)} node(s), embedded on "
+         f"{len(res.nodes)}")
     return {"frames": res.written, "skipped": len(res.errors), "seconds": res.seconds}
 
 

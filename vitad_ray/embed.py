@@ -44,6 +44,7 @@ class EmbedResult:
     errors: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     nodes: dict[str, int] = field(default_factory=dict)  # node id -> frames embedded there
+    decode_nodes: dict[str, int] = field(default_factory=dict)  # node id -> frames decoded there
 
 
 def decode_batch(batch: dict, sizes: tuple[int, ...]) -> dict:
@@ -54,7 +55,12 @@ def decode_batch(batch: dict, sizes: tuple[int, ...]) -> dict:
         item = {k: (batch[k][i].item() if hasattr(batch[k][i], "item") else batch[k][i])
                 for k in keys}
         rows.extend(decode_item(item, sizes))
-    return _columns(rows, sizes)
+    out = _columns(rows, sizes)
+    import ray
+
+    out["decode_node"] = np.full(len(out["frame_id"]), ray.get_runtime_context().get_node_id(),
+                                 dtype=object)
+    return out
 
 
 def _columns(rows: list[dict], sizes: tuple[int, ...]) -> dict:
@@ -123,7 +129,7 @@ def build_dataset(items: list[dict], choices: list[BackboneChoice], batch_size: 
     # CPU tasks decode while the accelerator embeds; and the actors, however many backbones, never
     # hold every CPU, which would leave no room for decoding and stall the stream.
     ds = ds.map_batches(decode_batch, fn_kwargs={"sizes": sizes}, batch_size=8,
-                        batch_format="numpy", num_cpus=0.25)
+                        batch_format="numpy", num_cpus=0.25, scheduling_strategy="SPREAD")
     nodes = max(1, sum(1 for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU")))
     for i, choice in enumerate(choices):
         gpus_each = 1 if gpus else 0
@@ -137,8 +143,9 @@ def build_dataset(items: list[dict], choices: list[BackboneChoice], batch_size: 
                                    "image_size": choice.image_size, "threads": threads,
                                    "drop_pixels": sizes if i == len(choices) - 1 else ()},
             batch_size=batch_size, batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n_actors),
-            num_gpus=gpus_each, num_cpus=0.5)
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n_actors,
+                                               initial_size=n_actors),
+            num_gpus=gpus_each, num_cpus=0.5, scheduling_strategy="SPREAD")
     return ds
 
 
@@ -186,6 +193,8 @@ def run_embedding(items: list[dict], choices: list[BackboneChoice], out_root: st
                 for node in batch[f"emb.{choice.name}.node"][keep]:
                     result.nodes[node] = result.nodes.get(node, 0) + 1
             result.written += len(new_frames)
+            for node in batch["decode_node"]:
+                result.decode_nodes[node] = result.decode_nodes.get(node, 0) + 1
             progress.update(len(bad), f"{len(result.errors)} skipped")
     progress.close()
     _write_errors(out_root / ERRORS_FILE, result.errors)
@@ -219,7 +228,7 @@ def _write_run_log(out_root: Path, result: EmbedResult) -> None:
     (out_root / RUN_LOG_FILE).write_text(json.dumps({
         "written": result.written, "already_present": result.already_present,
         "errors": len(result.errors), "seconds": round(result.seconds, 2),
-        "nodes": result.nodes}, indent=2))
+        "nodes": result.nodes, "decode_nodes": result.decode_nodes}, indent=2))
 
 
 def _write_errors(path: Path, errors: list[dict]) -> None:
