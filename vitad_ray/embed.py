@@ -9,7 +9,9 @@ frame that could not be decoded in ``errors.csv``.
 from __future__ import annotations
 
 import csv
+import json
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,8 +45,8 @@ class EmbedResult:
     already_present: int = 0
     errors: list[dict] = field(default_factory=list)
     seconds: float = 0.0
-    nodes: dict[str, int] = field(default_factory=dict)  # node id -> frames embedded there
-    decode_nodes: dict[str, int] = field(default_factory=dict)  # node id -> frames decoded there
+    nodes: Counter = field(default_factory=Counter)  # node id -> frames embedded there
+    decode_nodes: Counter = field(default_factory=Counter)  # node id -> frames decoded there
 
 
 def decode_batch(batch: dict, sizes: tuple[int, ...]) -> dict:
@@ -190,11 +192,9 @@ def run_embedding(items: list[dict], choices: list[BackboneChoice], out_root: st
                     metadata_written.add(choice.name)
                 writers[choice.name].write(rows, global_, local)
                 written_ids[choice.name].update(rows["frame_id"])
-                for node in batch[f"emb.{choice.name}.node"][keep]:
-                    result.nodes[node] = result.nodes.get(node, 0) + 1
+                result.nodes.update(batch[f"emb.{choice.name}.node"][keep])
             result.written += len(new_frames)
-            for node in batch["decode_node"]:
-                result.decode_nodes[node] = result.decode_nodes.get(node, 0) + 1
+            result.decode_nodes.update(batch["decode_node"])
             progress.update(len(bad), f"{len(result.errors)} skipped")
     progress.close()
     _write_errors(out_root / ERRORS_FILE, result.errors)
@@ -223,8 +223,6 @@ def _metadata(choice: BackboneChoice, global_: np.ndarray, local: np.ndarray) ->
 
 def _write_run_log(out_root: Path, result: EmbedResult) -> None:
     """What this run did and where: frames written per node (all backbones counted)."""
-    import json
-
     (out_root / RUN_LOG_FILE).write_text(json.dumps({
         "written": result.written, "already_present": result.already_present,
         "errors": len(result.errors), "seconds": round(result.seconds, 2),

@@ -16,6 +16,7 @@ and ``vitad serve`` (CLI) all build the same graph from a ``ServeConfig``.
 import asyncio
 import dataclasses
 import hashlib
+import hmac
 import json
 import os
 import time
@@ -30,7 +31,8 @@ from ray import serve
 
 from . import __version__
 from .modeldir import read_model_json
-from .serve_api import (JSON_TYPES, MULTIPART, ApiError, DetectOptions, ImageInput, Limits,
+from .serve_api import (JSON_TYPES, METHODS, MULTIPART, SCOPES, ApiError, DetectOptions,
+                        ImageInput, Limits,
                         check_content_length, decode_image, frame_answer, images_from_form,
                         images_from_json, media_type, parse_options)
 from .store import GLOBAL, scope_names, shard_of
@@ -248,23 +250,24 @@ api = FastAPI(title="vitad_ray anomaly detection", version=__version__, openapi_
                           "voting. Every route except /v1/health needs `Authorization: Bearer "
                           "<token>` when the deployment has a token.")
 
+# Options a request can carry, as form fields, JSON keys or query parameters.
+_OPTIONS_SCHEMA = {
+    "method": {"type": "string", "enum": list(METHODS)},
+    "scope": {"type": "string", "enum": list(SCOPES)},
+    "threshold": {"type": "number"}, "global_threshold": {"type": "number"},
+    "patch_threshold": {"type": "number"},
+}
 DETECT_BODY = {
     "requestBody": {"required": True, "content": {
         "multipart/form-data": {"schema": {"type": "object", "properties": {
             "images": {"type": "array", "items": {"type": "string", "format": "binary"}},
-            "method": {"type": "string", "enum": ["kmeans", "hdbscan"]},
-            "scope": {"type": "string", "enum": ["global", "local", "both"]},
-            "threshold": {"type": "number"}, "global_threshold": {"type": "number"},
-            "patch_threshold": {"type": "number"}}}},
+            **_OPTIONS_SCHEMA}}},
         "application/json": {"schema": {"type": "object", "required": ["images"], "properties": {
             "images": {"type": "array", "items": {"oneOf": [
                 {"type": "string", "format": "byte"},
                 {"type": "object", "properties": {"name": {"type": "string"},
                                                   "data": {"type": "string", "format": "byte"}}}]}},
-            "method": {"type": "string", "enum": ["kmeans", "hdbscan"]},
-            "scope": {"type": "string", "enum": ["global", "local", "both"]},
-            "threshold": {"type": "number"}, "global_threshold": {"type": "number"},
-            "patch_threshold": {"type": "number"}}}},
+            **_OPTIONS_SCHEMA}}},
         "image/png": {"schema": {"type": "string", "format": "binary"}},
         "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
     }},
@@ -300,14 +303,13 @@ class Ingress:
         self.has_patches = [s["n_patches"] > 0 for s in info["shards"]]
         self._infer.set_max_batch_size(settings["batch"])
         self.batch_wait_s, self.in_flight = settings["batch_wait_s"], 0
+        self._schema: dict | None = None
 
     def _authorized(self, request: Request) -> bool:
         if not self.token:
             return True
         header = request.headers.get("authorization", "")
         scheme, _, value = header.partition(" ")
-        import hmac
-
         return scheme.lower() == "bearer" and hmac.compare_digest(value.strip(), self.token)
 
     @api.get("/v1/health", summary="Liveness; never needs a token")
@@ -324,11 +326,12 @@ class Ingress:
     async def openapi(self, request: Request):
         if not self._authorized(request):
             return _error(401, "missing or wrong bearer token")
-        schema = get_openapi(title=api.title, version=api.version, description=api.description,
-                             routes=api.routes)
-        schema.setdefault("components", {})["securitySchemes"] = {
-            "bearer": {"type": "http", "scheme": "bearer"}}
-        return schema
+        if self._schema is None:  # the routes never change: build it once
+            self._schema = get_openapi(title=api.title, version=api.version,
+                                       description=api.description, routes=api.routes)
+            self._schema.setdefault("components", {})["securitySchemes"] = {
+                "bearer": {"type": "http", "scheme": "bearer"}}
+        return self._schema
 
     @api.post("/v1/detect", summary="Score one or many frames", openapi_extra=DETECT_BODY)
     async def detect(self, request: Request):
