@@ -70,3 +70,28 @@ def test_real_dinov2_small_weights_load():
     g, loc = bb.embed(np.full((1, 224, 224, 3), 128, np.uint8))
     assert g.shape == (1, 384) and loc.shape == (1, 256, 384)
     assert np.isfinite(loc).all() and loc.std() > 0.1
+
+
+@pytest.mark.parametrize("name", ["tiny-dinov2", "tiny-dinov2-reg", "tiny-ijepa", "tiny-vit"])
+def test_layers_concatenate_blocks_through_the_final_norm(name):
+    frames = np.random.default_rng(1).integers(0, 255, (2, 224, 224, 3), dtype=np.uint8)
+    g_last, loc_last = create_backbone(name, device="cpu").embed(frames)
+    both = create_backbone(name, device="cpu", layers=(1, 2))
+    g, loc = both.embed(frames)
+    assert both.dim == 64 and g.shape == (2, 64) and loc.shape == (2, 256, 64)
+    # Block 2 of 2 through the final norm is the default (last) embedding.
+    np.testing.assert_allclose(g[:, 32:], g_last, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(loc[:, :, 32:], loc_last, rtol=1e-5, atol=1e-5)
+    assert np.abs(loc[:, :, :32] - loc_last).max() > 1e-2  # block 1 is something else
+    with pytest.raises(ValueError, match="blocks"):
+        create_backbone(name, device="cpu", layers=(3,)).embed(frames)
+
+
+def test_layers_are_parsed_and_checked():
+    from vitad_ray.backbones import parse_layers
+
+    assert parse_layers("8,12") == (8, 12) and parse_layers("") == ()
+    with pytest.raises(ValueError, match="block numbers"):
+        parse_layers("eight")
+    with pytest.raises(ValueError, match="1-based"):
+        get_spec("dinov2-s14", layers=(0, 12))

@@ -78,3 +78,12 @@ def test_evaluation_modes_and_tables():
     assert to_csv([ev]).splitlines()[0].startswith("configuration,threshold,precision,recall")
     with pytest.raises(ValueError):
         evaluate_scores("x", y, s)
+
+
+def test_threshold_sits_in_the_middle_of_the_best_gap():
+    y = np.array([0, 0, 0, 1, 1])
+    s = np.array([0.1, 0.2, 0.3, 5.0, 7.0])  # any cut in (0.3, 5.0] separates perfectly
+    assert choose_threshold(y, s) == pytest.approx(2.65)
+    y = np.array([1, 1, 1])
+    s = np.array([0.5, 0.7, 0.9])
+    assert (s >= choose_threshold(y, s)).all()

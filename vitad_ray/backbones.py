@@ -38,6 +38,10 @@ class BackboneSpec:
     std: tuple[float, float, float] = IMAGENET_STD
     random_config: dict = field(default_factory=dict)  # architecture for random initialisation
     description: str = ""
+    # Transformer blocks whose tokens are taken (1-based, each through the final norm, as DINOv2's
+    # get_intermediate_layers does) and concatenated; () = the last block only. Mid-level blocks
+    # carry more local texture than the last, which PatchCore found to matter for anomalies.
+    layers: tuple[int, ...] = ()
 
     @property
     def grid(self) -> int:
@@ -63,7 +67,8 @@ def list_backbones(pattern: str = "*") -> list[str]:
     return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
 
 
-def get_spec(name: str, image_size: int | None = None) -> BackboneSpec:
+def get_spec(name: str, image_size: int | None = None,
+             layers: tuple[int, ...] | None = None) -> BackboneSpec:
     if name not in _REGISTRY:
         raise KeyError(f"unknown backbone {name!r}; known: {', '.join(list_backbones())}")
     spec = _REGISTRY[name]()
@@ -71,7 +76,22 @@ def get_spec(name: str, image_size: int | None = None) -> BackboneSpec:
         if image_size % spec.patch_size:
             raise ValueError(f"image size {image_size} is not a multiple of patch {spec.patch_size}")
         spec = replace(spec, image_size=image_size)
+    if layers:
+        layers = tuple(int(i) for i in layers)
+        if min(layers) < 1 or len(set(layers)) != len(layers):
+            raise ValueError(f"layers are distinct 1-based block numbers, got {layers}")
+        spec = replace(spec, layers=layers)
     return spec
+
+
+def parse_layers(text: str | None) -> tuple[int, ...]:
+    """"8,12" -> (8, 12); "" or None -> () (the last block)."""
+    if not text:
+        return ()
+    try:
+        return tuple(int(t) for t in str(text).split(",") if t.strip())
+    except ValueError:
+        raise ValueError(f"--layers takes block numbers like 8,12, got {text!r}") from None
 
 
 # --- the paper's backbones and their smaller relatives ------------------------------------------
@@ -246,16 +266,39 @@ class Backbone:
         return 1 + int(getattr(self.model.config, "num_register_tokens", 0) or 0)
 
     @property
-    def dim(self) -> int:
+    def depth(self) -> int:
         if self.spec.family == "timm-vit":
-            return int(self.model.num_features)
-        return int(self.model.config.hidden_size)
+            return len(self.model.blocks)
+        return int(self.model.config.num_hidden_layers)
+
+    @property
+    def dim(self) -> int:
+        width = (int(self.model.num_features) if self.spec.family == "timm-vit"
+                 else int(self.model.config.hidden_size))
+        return width * max(1, len(self.spec.layers))
 
     def _tokens(self, x):
+        layers = self.spec.layers
+        if layers and max(layers) > self.depth:
+            raise ValueError(f"{self.spec.name} has {self.depth} blocks, layers asks for {layers}")
         if self.spec.family == "timm-vit":
-            return self.model.forward_features(x)
+            if not layers:
+                return self.model.forward_features(x)
+            taken = {}
+            hooks = [self.model.blocks[i - 1].register_forward_hook(
+                lambda _m, _in, out, i=i: taken.__setitem__(i, out)) for i in layers]
+            try:
+                self.model.forward_features(x)
+            finally:
+                for h in hooks:
+                    h.remove()
+            return torch_cat([self.model.norm(taken[i]) for i in layers])
         kwargs = {"interpolate_pos_encoding": True} if self.spec.family == "ijepa" else {}
-        return self.model(pixel_values=x, **kwargs).last_hidden_state
+        out = self.model(pixel_values=x, output_hidden_states=bool(layers), **kwargs)
+        if not layers:
+            return out.last_hidden_state
+        # hidden_states[0] is the patch embedding; hidden_states[i] is block i's output.
+        return torch_cat([self.model.layernorm(out.hidden_states[i]) for i in layers])
 
     def embed(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Embed uint8 frames [B, S, S, 3] already resized to the spec's image size."""
@@ -278,9 +321,15 @@ class Backbone:
         return glob.cpu().numpy(), patches.cpu().numpy()
 
 
+def torch_cat(tokens: list):
+    import torch
+
+    return tokens[0] if len(tokens) == 1 else torch.cat(tokens, dim=-1)
+
+
 def create_backbone(name: str, weights: str | None = None, image_size: int | None = None,
-                    device: str | None = None) -> Backbone:
-    return Backbone(get_spec(name, image_size), weights=weights, device=device)
+                    device: str | None = None, layers: tuple[int, ...] | None = None) -> Backbone:
+    return Backbone(get_spec(name, image_size, layers), weights=weights, device=device)
 
 
 def resize_frame(image: np.ndarray, size: int) -> np.ndarray:

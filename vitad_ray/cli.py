@@ -25,6 +25,8 @@ def _add_backbone(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", action="append",
                    help="weights per backbone: a local directory, a hub id or 'random'")
     p.add_argument("--image-size", type=int, help="input size (multiple of the patch size)")
+    p.add_argument("--layers", default="",
+                   help="blocks to take tokens from, concatenated, e.g. 8,12 (default: the last)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--actors", type=int, help="embedder actors per backbone")
 
@@ -101,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "shutdown` or `serve delete vitad` stops it)")
     _add_ray(p)
 
+    p = sub.add_parser("report", help="render a quality run folder (bench/quality.py) to HTML")
+    p.add_argument("run_dir", help="run folder with summary.json, frames.parquet, patch_maps.npy")
+    p.add_argument("--out", help="where index.html and its PNGs go (default RUN_DIR/report)")
+
     p = sub.add_parser("submit", help="run a step as a Ray job on a cluster (Job API)")
     p.add_argument("step", choices=["embed", "fit", "score", "evaluate", "serve-deploy"],
                    help="serve-deploy deploys the endpoint on the cluster (`vitad serve "
@@ -133,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _choices(args, default: str):
+    from .backbones import parse_layers
     from .embed import BackboneChoice
 
     names = args.backbones or [default]
@@ -140,7 +147,8 @@ def _choices(args, default: str):
     if len(weights) > len(names):
         raise SystemExit("more --weights than --backbone")
     weights = weights + [None] * (len(names) - len(weights))
-    return [BackboneChoice(n, w, args.image_size) for n, w in zip(names, weights)]
+    layers = parse_layers(args.layers)
+    return [BackboneChoice(n, w, args.image_size, layers) for n, w in zip(names, weights)]
 
 
 def _items(args) -> list[dict]:
@@ -283,6 +291,14 @@ def cmd_serve(args) -> dict:
     return {"url": url}
 
 
+def cmd_report(args) -> dict:
+    from .report import build_report
+
+    page = build_report(args.run_dir, args.out)
+    _say(f"report: {page}")
+    return {"page": str(page)}
+
+
 def cmd_submit(args) -> dict:
     import os
 
@@ -384,7 +400,8 @@ def main(argv: list[str] | None = None) -> int:
             _say(f"{name:18s} {spec.source or '(random)':40s} {spec.description}")
         return 0
     handler = {"embed": cmd_embed, "fit": cmd_fit, "score": cmd_score, "submit": cmd_submit,
-               "serve": cmd_serve, "verify": cmd_verify, "evaluate": cmd_evaluate, "demo": cmd_demo}[args.command]
+               "serve": cmd_serve, "verify": cmd_verify, "evaluate": cmd_evaluate, "demo": cmd_demo,
+               "report": cmd_report}[args.command]
     try:
         handler(args)
     except (FileNotFoundError, ValueError, RuntimeError, KeyError, ConnectionError) as exc:

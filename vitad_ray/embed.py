@@ -32,10 +32,11 @@ class BackboneChoice:
     name: str
     weights: str | None = None
     image_size: int | None = None
+    layers: tuple[int, ...] = ()
 
     @property
     def spec(self):
-        return get_spec(self.name, self.image_size)
+        return get_spec(self.name, self.image_size, self.layers)
 
 
 @dataclass
@@ -81,11 +82,11 @@ class Embedder:
     """Ray Data actor: holds one backbone and embeds batches of decoded frames."""
 
     def __init__(self, name: str, weights: str | None, image_size: int | None, threads: int,
-                 drop_pixels: tuple[int, ...] = ()):
+                 drop_pixels: tuple[int, ...] = (), layers: tuple[int, ...] = ()):
         import torch
 
         torch.set_num_threads(max(1, threads))
-        self.backbone = create_backbone(name, weights, image_size)
+        self.backbone = create_backbone(name, weights, image_size, layers=layers)
         self.prefix = f"emb.{name}"
         self.size = self.backbone.spec.image_size
         # The last pool drops the pixels: no separate (CPU-holding) task just to drop columns.
@@ -143,6 +144,7 @@ def build_dataset(items: list[dict], choices: list[BackboneChoice], batch_size: 
             Embedder,
             fn_constructor_kwargs={"name": choice.name, "weights": choice.weights,
                                    "image_size": choice.image_size, "threads": threads,
+                                   "layers": tuple(choice.layers),
                                    "drop_pixels": sizes if i == len(choices) - 1 else ()},
             batch_size=batch_size, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n_actors,
@@ -215,6 +217,7 @@ def _metadata(choice: BackboneChoice, global_: np.ndarray, local: np.ndarray) ->
         "image_size": spec.image_size,
         "patch_size": spec.patch_size,
         "global_pool": spec.global_pool,
+        "layers": list(spec.layers),
         "preprocessing": {"resize": f"{spec.image_size}x{spec.image_size} bicubic, whole frame, "
                                     "no centre crop", "mean": spec.mean, "std": spec.std},
         "versions": package_versions(),

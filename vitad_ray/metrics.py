@@ -61,7 +61,8 @@ def _sweep(y_true: np.ndarray, scores: np.ndarray):
 
 def choose_threshold(y_true: np.ndarray, scores: np.ndarray,
                      criterion: str = "balanced_accuracy") -> float:
-    """The threshold maximising the criterion (balanced accuracy, or F2 which weights recall)."""
+    """The threshold maximising the criterion (balanced accuracy, or F2 which weights recall),
+    in the middle of the score gap over which the maximum holds."""
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {CRITERIA}")
     thresholds, tp, fp, tn, fn = _sweep(y_true, scores)
@@ -74,10 +75,18 @@ def choose_threshold(y_true: np.ndarray, scores: np.ndarray,
             precision = np.where(tp + fp > 0, tp / np.maximum(tp + fp, 1), 0.0)
             value = np.where(precision + recall > 0,
                              5 * precision * recall / np.maximum(4 * precision + recall, 1e-12), 0.0)
-    best = float(thresholds[int(np.argmax(value))])
-    if np.isinf(best):  # "flag nothing": the smallest threshold above every score, kept finite
-        best = float(np.nextafter(np.max(np.asarray(scores, np.float64)), np.inf))
-    return best
+    # Every cut of the run of cuts that reach the maximum gives the same value on these scores;
+    # the middle of the gap it spans keeps the widest margin on both sides for unseen clips.
+    first = int(np.argmax(value))
+    last = first
+    while last + 1 < len(value) and value[last + 1] == value[first]:
+        last += 1
+    if first == 0 and last == 0:  # "flag nothing": just above every score, kept finite
+        return float(np.nextafter(np.max(np.asarray(scores, np.float64)), np.inf))
+    first = max(first, 1)
+    if last + 1 >= len(thresholds):  # the run reaches "flag everything"
+        return float(thresholds[last])
+    return float((thresholds[first] + thresholds[last + 1]) / 2)
 
 
 def auroc(y_true: np.ndarray, scores: np.ndarray) -> float:

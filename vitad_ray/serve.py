@@ -142,13 +142,13 @@ class Embedder:
     concurrent calls (from every ingress replica) up to ``max_batch`` frames."""
 
     def __init__(self, backbone: str, weights: str | None, image_size: int, threads: int,
-                 max_batch: int, batch_wait_s: float):
+                 max_batch: int, batch_wait_s: float, layers: tuple[int, ...] = ()):
         import torch
 
         from .backbones import create_backbone
 
         torch.set_num_threads(max(1, threads))
-        self.backbone = create_backbone(backbone, weights, image_size)
+        self.backbone = create_backbone(backbone, weights, image_size, layers=layers)
         self.embed.set_max_batch_size(max_batch)
         self.embed.set_batch_wait_timeout_s(batch_wait_s)
 
@@ -443,7 +443,7 @@ def _check_weights(doc: dict, weights: str | None) -> str | None:
 
     emb = doc["embeddings"]
     weights = weights or emb["weights"]
-    spec = get_spec(doc["backbone"], emb["image_size"])
+    spec = get_spec(doc["backbone"], emb["image_size"], emb.get("layers"))
     local_or_random = weights == "random" or os.path.isdir(weights)
     if local_or_random:
         if os.path.isdir(weights):
@@ -503,7 +503,7 @@ def build_app(cfg: ServeConfig):
         num_replicas=cfg.embed_replicas, max_ongoing_requests=4 * cfg.embed_batch,
         ray_actor_options={"num_cpus": cfg.embed_cpus, "num_gpus": 1 if gpu else 0},
     ).bind(doc["backbone"], weights, int(doc["embeddings"]["image_size"]), cfg.embed_threads,
-           cfg.embed_batch, backend_wait_s)
+           cfg.embed_batch, backend_wait_s, tuple(doc["embeddings"].get("layers") or ()))
     shards = [ScopeShard.options(
         name=f"ScopeShard{i}", num_replicas=cfg.shard_replicas,
         max_ongoing_requests=4 * cfg.shard_batch, ray_actor_options={"num_cpus": cfg.shard_cpus},

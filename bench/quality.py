@@ -1,0 +1,162 @@
+"""Detection quality on a labelled scene (Ped2): the paper's rules against the cross-clip options.
+
+For each feature set (embeddings folder, optionally `#blocks` of a multi-block embedding) it
+scores every test frame against the training frames, turns the distances into every named
+option, and prints frame AUROC / PR AUC / balanced accuracy (thresholds calibrated on held-out
+test clips), pixel AUROC of the patch maps, and the coreset's cost in AUROC and time. It writes a
+run folder that `vitad report` renders.
+
+    python bench/quality.py --manifest ../shared/data/ucsd_ped2/manifest.csv \
+        --features "S/14 block 12, 224=runs/ped2/embeddings/dinov2-s14" \
+        --model runs/ped2/models/dinov2-s14 --out runs/quality
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from vitad_ray.embeddings import load_embeddings, select_layers
+from vitad_ray.localize import load_masks, pixel_auroc
+from vitad_ray.quality import (CrossClipScores, evaluate_options, frame_options, paper_options,
+                               split_test_clips, write_run)
+
+MASK_SIZE = (120, 180)  # half of Ped2's 240 x 360: 43 M pixels over the 2,010 test frames
+
+
+def parse_feature(text: str) -> tuple[str, str, tuple[int, ...]]:
+    name, _, path = text.partition("=")
+    if not path:
+        raise SystemExit(f"--features takes NAME=DIR[#blocks], got {text!r}")
+    path, _, blocks = path.partition("#")
+    return name.strip(), path, tuple(int(b) for b in blocks.split(",") if b)
+
+
+def load_split(path: str, split: str, blocks: tuple[int, ...]):
+    emb = load_embeddings(path, splits=[split])
+    return select_layers(emb, blocks) if blocks else emb
+
+
+def with_manifest(ids: pd.DataFrame, manifest: str) -> pd.DataFrame:
+    man = pd.read_csv(manifest, dtype={"clip": str, "split": str}).fillna({"mask_path": ""})
+    root = Path(manifest).parent
+    man["image_path"] = [str(root / p) for p in man["path"]]
+    man["mask_path"] = [str(root / p) if p else "" for p in man["mask_path"]]
+    merged = ids.merge(man[["split", "clip", "frame_index", "image_path", "mask_path"]],
+                       on=["split", "clip", "frame_index"], how="left", validate="one_to_one")
+    if merged["image_path"].isna().any():
+        raise SystemExit("some embedded frames are not in the manifest")
+    return merged
+
+
+def fmt_table(rows: list[dict], columns: list[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        lines.append("| " + " | ".join(
+            f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--features", action="append", required=True,
+                   help="NAME=EMBEDDINGS_DIR[#blocks]; the first is the primary feature set")
+    p.add_argument("--model", help="a `vitad fit` model of the primary features: paper rows")
+    p.add_argument("--k", type=int, default=10, help="top-k patches")
+    p.add_argument("--fusion-weight", type=float, default=0.5)
+    p.add_argument("--temporal", default="ema", choices=["none", "mean", "ema"])
+    p.add_argument("--temporal-size", type=float, default=4.0)
+    p.add_argument("--coreset", type=float, default=0.25)
+    p.add_argument("--calib-fraction", type=float, default=1 / 3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+
+    scores, maps, feature_rows, pixel_rows, coreset_rows = {}, {}, [], [], []
+    ids = None
+    options_kw = dict(k=args.k, fusion_weight=args.fusion_weight, temporal=args.temporal,
+                      temporal_size=args.temporal_size)
+    for i, text in enumerate(args.features):
+        name, path, blocks = parse_feature(text)
+        t0 = time.perf_counter()
+        train, test = load_split(path, "train", blocks), load_split(path, "test", blocks)
+        if ids is None:
+            ids = with_manifest(test.ids, args.manifest)
+            masks = load_masks(list(ids["mask_path"]), MASK_SIZE)
+            split = split_test_clips(ids, args.calib_fraction, args.seed)
+            if args.model:
+                paper = paper_options(args.model, test)
+                scores.update(paper.scores)
+                maps.update(paper.patch_maps)
+        elif not test.ids["frame_id"].reset_index(drop=True).equals(ids["frame_id"]):
+            raise SystemExit(f"{path}: test frames differ from the first feature set's")
+        load_s = time.perf_counter() - t0
+        runs = [(None, "")] + ([(args.coreset, f" coreset {args.coreset:g}")]
+                               if i == 0 and args.coreset else [])
+        for coreset, tag in runs:
+            cs = CrossClipScores(train, test, coreset=coreset)
+            opts = frame_options(cs, test.ids, train.ids, prefix=f"[{name}{tag}] ", **options_kw)
+            scores.update(opts.scores)
+            maps.update(opts.patch_maps)
+            feature_rows.append({"features": name + tag, "dim": int(train.global_.shape[1]),
+                                 "grid": cs.grid, "memory_MB": cs.memory_bytes / 2**20,
+                                 "fit_s": cs.fit_s, "score_s": cs.score_s, "load_s": load_s})
+            print(f"{name}{tag}: fit {cs.fit_s:.1f} s, nearest search of {len(test)} frames "
+                  f"{cs.score_s:.1f} s, memory {cs.memory_bytes / 2**20:.0f} MB", flush=True)
+            del cs
+            gc.collect()
+        del train, test
+        gc.collect()
+
+    y = ids["label"].to_numpy().astype(int)
+    rows = evaluate_options(scores, y, split)
+    for name, patch in maps.items():
+        pixel_rows.append({"option": name, "pixel_auroc": pixel_auroc(patch, masks)})
+    pixel_of = {r["option"]: r["pixel_auroc"] for r in pixel_rows}
+    for r in rows:
+        r["pixel_auroc"] = pixel_of.get(r["option"], float("nan"))
+    best = max((r for r in rows if not r["option"].startswith("paper")),
+               key=lambda r: (r["auroc"], r["balanced_accuracy"]))
+    if args.coreset:
+        primary = parse_feature(args.features[0])[0]
+        tag = f" coreset {args.coreset:g}"
+        full = {r["option"]: r for r in rows if r["option"].startswith(f"[{primary}] ")}
+        for r in rows:
+            if r["option"].startswith(f"[{primary}{tag}] "):
+                base = full[r["option"].replace(tag, "", 1)]
+                coreset_rows.append({"option": base["option"], "auroc_full": base["auroc"],
+                                     "auroc_coreset": r["auroc"],
+                                     "delta": r["auroc"] - base["auroc"]})
+
+    cols = ["option", "auroc_all", "auroc", "pr_auc", "balanced_accuracy", "precision", "recall",
+            "fpr", "f1", "pixel_auroc"]
+    text = "\n\n".join([
+        f"Calibration clips (thresholds): {', '.join(split.calibration_clips)}; evaluated clips: "
+        f"{', '.join(split.evaluated_clips)}. auroc_all: all {len(y)} test frames.",
+        fmt_table(rows, cols),
+        fmt_table(feature_rows, ["features", "dim", "grid", "memory_MB", "fit_s", "score_s"]),
+        fmt_table(coreset_rows, ["option", "auroc_full", "auroc_coreset", "delta"])
+        if coreset_rows else "",
+        f"Best option: {best['option']} (AUROC {best['auroc']:.3f}, balanced accuracy "
+        f"{best['balanced_accuracy']:.3f})",
+    ])
+    print(text)
+    summary = {"command": " ".join(sys.argv), "calibration_clips": split.calibration_clips,
+               "evaluated_clips": split.evaluated_clips, "table": rows,
+               "features": feature_rows, "coreset": coreset_rows, "best": best["option"],
+               "mask_size": MASK_SIZE}
+    out = write_run(args.out, ids, scores, maps, summary)
+    (out / "quality.md").write_text(text + "\n")
+    print(f"run folder: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""Detection quality of the paper's rules and of the cross-clip options, on one labelled scene.
+
+``CrossClipScores`` scores a test set against a training set for one feature set (backbone,
+layers, resolution) once, and serves every calibration of it; ``frame_options`` turns those into
+named frame scores; ``evaluate_options`` gives each the paper's metrics at a threshold
+calibrated on held-out test clips, plus AUROC and PR AUC. ``bench/quality.py`` drives it on
+Ped2 and writes a run folder that ``vitad report`` renders.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .aggregate import fuse, smooth_in_time, standardize, topk_mean
+from .crossclip import CrossClipNormality
+from .embeddings import Embeddings
+from .fit import stack_scopes
+from .frames import split_clips
+from .metrics import auroc, evaluate_scores
+from .score import vote_score
+
+FRAMES_FILE = "frames.parquet"
+PATCH_MAPS_FILE = "patch_maps.npy"
+SUMMARY_FILE = "summary.json"
+
+
+class CrossClipScores:
+    """Nearest-neighbour distances of a test set, per scope, and their leave-one-clip-out
+    reference, for one feature set. Scopes: 0 is global, 1.. the patch grid."""
+
+    def __init__(self, train: Embeddings, test: Embeddings, m: int = 5,
+                 coreset: float | None = None, device: str | None = None):
+        start = time.perf_counter()
+        train_s = stack_scopes(train.global_, train.local)
+        self.est = CrossClipNormality(m=m, coreset=coreset, device=device).fit(
+            train_s, train.ids["clip"].to_numpy())
+        del train_s
+        self.fit_s = time.perf_counter() - start
+        test_s = stack_scopes(test.global_, test.local)
+        start = time.perf_counter()
+        self.d, self.nn = self.est.nearest(test_s)
+        self.score_s = time.perf_counter() - start
+        self.memory_bytes = int(self.est.memory_.nbytes)
+        self.grid = int(round(np.sqrt(test.local.shape[1])))
+
+    def scores(self, calibration: str) -> tuple[np.ndarray, np.ndarray]:
+        """(test [S, M], reference [S, N]) calibrated scores."""
+        return (self.est.calibrate(self.d, self.nn, calibration),
+                self.est.train_scores(calibration))
+
+
+@dataclass
+class FrameOptions:
+    scores: dict[str, np.ndarray] = field(default_factory=dict)  # name -> [M] frame score
+    patch_maps: dict[str, np.ndarray] = field(default_factory=dict)  # name -> [M, P]
+
+
+def frame_options(cs: CrossClipScores, test_ids: pd.DataFrame, train_ids: pd.DataFrame,
+                  k: int | float = 10, fusion_weight: float = 0.5, temporal: str = "ema",
+                  temporal_size: float = 4.0, prefix: str = "") -> FrameOptions:
+    """Every cross-clip option as a frame score. Names say what each does."""
+    out = FrameOptions()
+    clips, index = test_ids["clip"].to_numpy(), test_ids["frame_index"].to_numpy()
+    raw, _ = cs.scores("raw")
+    out.scores[f"{prefix}global d (raw)"] = raw[0]
+    out.scores[f"{prefix}local top-{k} mean d (raw)"] = topk_mean(raw[1:].T, k)
+    ratio, _ = cs.scores("ratio")
+    capped = np.minimum(ratio, 1.0)
+    out.scores[f"{prefix}global, paper rule, LOO-clip loc_dens"] = capped[0]
+    out.scores[f"{prefix}local vote, paper rule, LOO-clip loc_dens"] = vote_score(capped[1:].T)
+    out.scores[f"{prefix}local top-{k} ratio (LOO-clip loc_dens)"] = topk_mean(ratio[1:].T, k)
+    for calibration in ("zscore", "ecdf"):
+        test, ref = cs.scores(calibration)
+        g, g_ref = test[0], ref[0]
+        local, local_ref = topk_mean(test[1:].T, k), topk_mean(ref[1:].T, k)
+        out.scores[f"{prefix}global {calibration}"] = g
+        out.scores[f"{prefix}local top-{k} {calibration}"] = local
+        out.patch_maps[f"{prefix}local top-{k} {calibration}"] = test[1:].T
+        fused = fuse(standardize(g, g_ref), standardize(local, local_ref), fusion_weight)
+        name = f"{prefix}fusion {calibration} (w={fusion_weight})"
+        out.scores[name] = fused
+        out.patch_maps[name] = test[1:].T
+        smoothed = smooth_in_time(fused, clips, index, temporal, temporal_size)
+        out.scores[f"{name} + causal {temporal} {temporal_size:g}"] = smoothed
+        out.patch_maps[f"{name} + causal {temporal} {temporal_size:g}"] = test[1:].T
+    return out
+
+
+def paper_options(model_dir: str | os.PathLike, test: Embeddings) -> FrameOptions:
+    """The paper's own k-Means rule from a fitted model: global confidence and majority vote."""
+    from .score import ModelScorer
+
+    scorer = ModelScorer(model_dir, index="exact", hdbscan=False)
+    conf = scorer.score(test.global_, test.local, methods=("kmeans",))["kmeans"]
+    out = FrameOptions()
+    out.scores["paper global (k-Means, capped confidence)"] = conf[0]
+    out.scores["paper local (k-Means, majority vote)"] = vote_score(conf[1:].T)
+    out.patch_maps["paper local (k-Means, majority vote)"] = conf[1:].T
+    return out
+
+
+@dataclass
+class Split:
+    calibration_clips: list[str]
+    evaluated_clips: list[str]
+    is_calib: np.ndarray
+
+
+def split_test_clips(ids: pd.DataFrame, fraction: float = 1 / 3, seed: int = 0) -> Split:
+    y, clips = ids["label"].to_numpy(), ids["clip"].to_numpy()
+    calib, rest = split_clips({c: y[clips == c] for c in np.unique(clips)}, fraction, seed)
+    return Split(list(map(str, calib)), list(map(str, rest)), np.isin(clips, calib))
+
+
+def evaluate_options(scores: dict[str, np.ndarray], y: np.ndarray, split: Split) -> list[dict]:
+    """One row per option: metrics on the evaluated clips at the threshold calibrated on the
+    held-out clips, AUROC / PR AUC on the evaluated clips, and AUROC over all test frames."""
+    rows = []
+    ev_mask = ~split.is_calib
+    for name, s in scores.items():
+        ev = evaluate_scores(name, y[ev_mask], s[ev_mask], y_calib=y[split.is_calib],
+                             s_calib=s[split.is_calib], mode="calibrated")
+        rows.append({"option": name, "auroc_all": auroc(y, s), "auroc": ev.auroc,
+                     "pr_auc": ev.pr_auc, "threshold": ev.threshold, **{
+                         k: ev.metrics[k] for k in ("precision", "recall", "fpr", "specificity",
+                                                    "f1", "balanced_accuracy")}})
+    return rows
+
+
+def write_run(out_dir: str | os.PathLike, ids: pd.DataFrame, scores: dict[str, np.ndarray],
+              patch_maps: dict[str, np.ndarray], summary: dict) -> Path:
+    """The run folder ``vitad report`` reads: per-frame scores, patch maps, summary."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    frames = ids.reset_index(drop=True).copy()
+    names = list(scores)
+    for i, name in enumerate(names):
+        frames[f"score_{i}"] = np.asarray(scores[name], np.float64)
+    frames.to_parquet(out_dir / FRAMES_FILE)
+    map_names = [n for n in names if n in patch_maps]
+    if map_names:
+        np.save(out_dir / PATCH_MAPS_FILE,
+                np.stack([patch_maps[n] for n in map_names]).astype(np.float32))
+    summary = dict(summary, options=names, patch_map_options=map_names)
+    (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=_json_default))
+    return out_dir
+
+
+def read_run(run_dir: str | os.PathLike) -> tuple[pd.DataFrame, dict, np.ndarray | None]:
+    run_dir = Path(run_dir)
+    if not (run_dir / SUMMARY_FILE).exists():
+        raise FileNotFoundError(f"{run_dir} is not a quality run folder (no {SUMMARY_FILE})")
+    summary = json.loads((run_dir / SUMMARY_FILE).read_text())
+    frames = pd.read_parquet(run_dir / FRAMES_FILE)
+    maps_path = run_dir / PATCH_MAPS_FILE
+    maps = np.load(maps_path, mmap_mode="r") if maps_path.exists() else None
+    return frames, summary, maps
+
+
+def _json_default(x):
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    raise TypeError(type(x))
