@@ -24,10 +24,11 @@ import pandas as pd
 
 from vitad_ray.embeddings import load_embeddings, select_layers
 from vitad_ray.localize import load_masks, pixel_auroc
-from vitad_ray.quality import (CrossClipScores, evaluate_options, frame_options, paper_options,
-                               split_test_clips, write_run)
+from vitad_ray.motion import patch_motion
+from vitad_ray.quality import (CrossClipScores, appearance_motion_options, evaluate_options,
+                               frame_options, paper_options, split_test_clips, write_run)
 
-MASK_SIZE = (120, 180)  # half of Ped2's 240 x 360: 43 M pixels over the 2,010 test frames
+MASK_SIZE = (80, 120)  # a third of Ped2's 240 x 360: 19 M pixels over the 2,010 test frames
 
 
 def parse_feature(text: str) -> tuple[str, str, tuple[int, ...]]:
@@ -38,16 +39,28 @@ def parse_feature(text: str) -> tuple[str, str, tuple[int, ...]]:
     return name.strip(), path, tuple(int(b) for b in blocks.split(",") if b)
 
 
-def load_split(path: str, split: str, blocks: tuple[int, ...]):
+def manifest_frames(manifest: str) -> pd.DataFrame:
+    man = pd.read_csv(manifest, dtype={"clip": str, "split": str}).fillna({"mask_path": ""})
+    root = Path(manifest).parent
+    # `vitad embed` keeps clips of different splits apart as "split/clip".
+    man["clip"] = [f"{s}/{c}" if s else c for s, c in zip(man["split"], man["clip"])]
+    man["image_path"] = [str(root / p) for p in man["path"]]
+    man["mask_path"] = [str(root / p) if p else "" for p in man["mask_path"]]
+    return man
+
+
+def load_split(path: str, split: str, blocks: tuple[int, ...], man: pd.DataFrame):
+    """One split of a feature set, restricted to the manifest's frames (a subsampled manifest
+    compares feature sets embedded from different frame samples on the same frames)."""
     emb = load_embeddings(path, splits=[split])
+    keys = set(zip(man["clip"], man["frame_index"]))
+    emb = emb.select([k in keys for k in zip(emb.ids["clip"], emb.ids["frame_index"])])
+    if not len(emb):
+        raise SystemExit(f"{path}: no {split} frames of the manifest")
     return select_layers(emb, blocks) if blocks else emb
 
 
-def with_manifest(ids: pd.DataFrame, manifest: str) -> pd.DataFrame:
-    man = pd.read_csv(manifest, dtype={"clip": str, "split": str}).fillna({"mask_path": ""})
-    root = Path(manifest).parent
-    man["image_path"] = [str(root / p) for p in man["path"]]
-    man["mask_path"] = [str(root / p) if p else "" for p in man["mask_path"]]
+def with_manifest(ids: pd.DataFrame, man: pd.DataFrame) -> pd.DataFrame:
     merged = ids.merge(man[["split", "clip", "frame_index", "image_path", "mask_path"]],
                        on=["split", "clip", "frame_index"], how="left", validate="one_to_one")
     if merged["image_path"].isna().any():
@@ -71,8 +84,12 @@ def main(argv=None) -> int:
     p.add_argument("--model", help="a `vitad fit` model of the primary features: paper rows")
     p.add_argument("--k", type=int, default=10, help="top-k patches")
     p.add_argument("--fusion-weight", type=float, default=0.5)
-    p.add_argument("--temporal", default="ema", choices=["none", "mean", "ema"])
-    p.add_argument("--temporal-size", type=float, default=4.0)
+    p.add_argument("--temporal", default="mean", choices=["none", "mean", "ema"])
+    p.add_argument("--temporal-size", type=float, default=16,
+                   help="causal window (mean) or half-life (ema), in frames")
+    p.add_argument("--motion-lag", type=int, default=2,
+                   help="add a motion stream: patch change since this many frames earlier "
+                        "(0: none)")
     p.add_argument("--coreset", type=float, default=0.25)
     p.add_argument("--calib-fraction", type=float, default=1 / 3)
     p.add_argument("--seed", type=int, default=0)
@@ -81,14 +98,16 @@ def main(argv=None) -> int:
 
     scores, maps, feature_rows, pixel_rows, coreset_rows = {}, {}, [], [], []
     ids = None
+    man = manifest_frames(args.manifest)
     options_kw = dict(k=args.k, fusion_weight=args.fusion_weight, temporal=args.temporal,
                       temporal_size=args.temporal_size)
     for i, text in enumerate(args.features):
         name, path, blocks = parse_feature(text)
         t0 = time.perf_counter()
-        train, test = load_split(path, "train", blocks), load_split(path, "test", blocks)
+        train = load_split(path, "train", blocks, man)
+        test = load_split(path, "test", blocks, man)
         if ids is None:
-            ids = with_manifest(test.ids, args.manifest)
+            ids = with_manifest(test.ids, man)
             masks = load_masks(list(ids["mask_path"]), MASK_SIZE)
             split = split_test_clips(ids, args.calib_fraction, args.seed)
             if args.model:
@@ -100,26 +119,43 @@ def main(argv=None) -> int:
         load_s = time.perf_counter() - t0
         runs = [(None, "")] + ([(args.coreset, f" coreset {args.coreset:g}")]
                                if i == 0 and args.coreset else [])
+        streams = [("", train, test)]
+        if args.motion_lag:
+            streams.append((f", motion lag {args.motion_lag}",
+                            patch_motion(train, args.motion_lag),
+                            patch_motion(test, args.motion_lag)))
         for coreset, tag in runs:
-            cs = CrossClipScores(train, test, coreset=coreset)
-            opts = frame_options(cs, test.ids, train.ids, prefix=f"[{name}{tag}] ", **options_kw)
-            scores.update(opts.scores)
-            maps.update(opts.patch_maps)
-            feature_rows.append({"features": name + tag, "dim": int(train.global_.shape[1]),
-                                 "grid": cs.grid, "memory_MB": cs.memory_bytes / 2**20,
-                                 "fit_s": cs.fit_s, "score_s": cs.score_s, "load_s": load_s})
-            print(f"{name}{tag}: fit {cs.fit_s:.1f} s, nearest search of {len(test)} frames "
-                  f"{cs.score_s:.1f} s, memory {cs.memory_bytes / 2**20:.0f} MB", flush=True)
-            del cs
-            gc.collect()
-        del train, test
+            per_stream = []
+            for stream, tr, te in streams:
+                label = f"{name}{stream}{tag}"
+                cs = CrossClipScores(tr, te, coreset=coreset)
+                opts = frame_options(cs, te.ids, prefix=f"[{label}] ", **options_kw)
+                scores.update(opts.scores)
+                maps.update(opts.patch_maps)
+                per_stream.append(opts)
+                feature_rows.append({"features": label, "dim": int(tr.global_.shape[1]),
+                                     "grid": cs.grid, "memory_MB": cs.memory_bytes / 2**20,
+                                     "fit_s": cs.fit_s, "score_s": cs.score_s, "load_s": load_s})
+                print(f"{label}: fit {cs.fit_s:.1f} s, nearest search of {len(te)} frames "
+                      f"{cs.score_s:.1f} s, memory {cs.memory_bytes / 2**20:.0f} MB", flush=True)
+                del cs
+                gc.collect()
+            if len(per_stream) == 2:
+                both = appearance_motion_options(*per_stream, test.ids,
+                                                 prefix=f"[{name}{tag}] ", **options_kw)
+                scores.update(both.scores)
+                maps.update(both.patch_maps)
+            del per_stream
+        del train, test, streams
         gc.collect()
 
     y = ids["label"].to_numpy().astype(int)
     rows = evaluate_options(scores, y, split)
-    for name, patch in maps.items():
-        pixel_rows.append({"option": name, "pixel_auroc": pixel_auroc(patch, masks)})
-    pixel_of = {r["option"]: r["pixel_auroc"] for r in pixel_rows}
+    pixel_of, by_array = {}, {}
+    for name, patch in maps.items():  # options sharing one map share its pixel AUROC
+        if id(patch) not in by_array:
+            by_array[id(patch)] = pixel_auroc(patch, masks)
+        pixel_of[name] = by_array[id(patch)]
     for r in rows:
         r["pixel_auroc"] = pixel_of.get(r["option"], float("nan"))
     best = max((r for r in rows if not r["option"].startswith("paper")),
@@ -152,7 +188,14 @@ def main(argv=None) -> int:
                "evaluated_clips": split.evaluated_clips, "table": rows,
                "features": feature_rows, "coreset": coreset_rows, "best": best["option"],
                "mask_size": MASK_SIZE}
-    out = write_run(args.out, ids, scores, maps, summary)
+    # The report draws heatmaps of the best option that has a patch map; keep the maps of that
+    # grid only (a 448 grid does not stack with a 224 one, and all of them would be large).
+    with_maps = [r for r in rows if r["option"] in maps]
+    best_map = max(with_maps, key=lambda r: r["auroc"])["option"] if with_maps else None
+    keep = {n: m for n, m in maps.items()
+            if best_map and m.shape == maps[best_map].shape and
+            (n == best_map or n.startswith("paper"))}
+    out = write_run(args.out, ids, scores, keep, summary)
     (out / "quality.md").write_text(text + "\n")
     print(f"run folder: {out}")
     return 0

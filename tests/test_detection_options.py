@@ -125,3 +125,23 @@ def test_localization_upsamples_the_grid_and_scores_pixels():
     masks[0, 10:20, 20:30] = True
     assert pixel_auroc(maps, masks) > 0.95
     assert pixel_auroc(-maps, masks) < 0.1
+
+
+def test_motion_is_the_change_since_lag_frames_earlier_in_frame_index_units():
+    import pandas as pd
+
+    from vitad_ray.embeddings import Embeddings
+    from vitad_ray.motion import past_rows, patch_motion
+
+    np.testing.assert_array_equal(past_rows(np.array([0, 2, 4, 6, 8]), 4), [0, 0, 0, 1, 2])
+    ids = pd.DataFrame({"clip": ["a"] * 4 + ["b"] * 3,
+                        "frame_index": [0, 2, 4, 6, 0, 1, 2]})
+    local = np.arange(7, dtype=np.float32)[:, None, None] ** 2 * np.ones((7, 4, 3), np.float32)
+    emb = Embeddings(ids, local[:, 0], local, {})
+    mot = patch_motion(emb, lag=2)
+    # clip a (every 2nd frame): 0, 1, 4, 9 -> 0, 1-0, 4-1, 9-4; clip b: 16, 25, 36 -> 0, 25-16
+    # (frame 1 has no frame 2 earlier: the clip's first frame stands in), 36-16.
+    np.testing.assert_allclose(mot.local[:, 0, 0], [0, 1, 3, 5, 0, 9, 20])
+    np.testing.assert_allclose(mot.global_[:, 0], mot.local[:, 0, 0])
+    with pytest.raises(ValueError, match="lag"):
+        patch_motion(emb, lag=0)

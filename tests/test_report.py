@@ -11,8 +11,9 @@ from PIL import Image
 from vitad_ray.cli import main as vitad
 from vitad_ray.embeddings import Embeddings
 from vitad_ray.localize import pixel_auroc
-from vitad_ray.quality import (CrossClipScores, evaluate_options, frame_options, read_run,
-                               split_test_clips, write_run)
+from vitad_ray.motion import patch_motion
+from vitad_ray.quality import (CrossClipScores, appearance_motion_options, evaluate_options,
+                               frame_options, read_run, split_test_clips, write_run)
 
 from .browser import chromium_available, evaluate_in_page, serve_folder
 
@@ -54,7 +55,13 @@ def run_dir(tmp_path_factory):
     base = rng.normal(0, 1, (GRID * GRID, DIM))  # the scene every clip shows
     train, test = scene(tmp, "train", 4, base, rng), scene(tmp, "test", 3, base, rng)
     cs = CrossClipScores(train, test)
-    opts = frame_options(cs, test.ids, train.ids, k=2)
+    opts = frame_options(cs, test.ids, k=2)
+    motion = frame_options(CrossClipScores(patch_motion(train, 2), patch_motion(test, 2)),
+                           test.ids, k=2, prefix="[motion] ")
+    both = appearance_motion_options(opts, motion, test.ids)
+    for extra in (motion, both):
+        opts.scores.update(extra.scores)
+        opts.patch_maps.update(extra.patch_maps)
     split = split_test_clips(test.ids)
     y = test.ids["label"].to_numpy()
     rows = evaluate_options(opts.scores, y, split)
@@ -65,11 +72,13 @@ def run_dir(tmp_path_factory):
     best = max(rows, key=lambda r: r["auroc"])["option"]
     summary = {"command": "test", "calibration_clips": split.calibration_clips,
                "evaluated_clips": split.evaluated_clips, "table": rows, "best": best}
-    return write_run(tmp / "run", test.ids, opts.scores, opts.patch_maps, summary), rows, pixel
+    motion_scores = test.ids.assign(score=motion.scores["[motion] local top-2 zscore"])
+    return (write_run(tmp / "run", test.ids, opts.scores, opts.patch_maps, summary), rows, pixel,
+            motion_scores)
 
 
 def test_cross_clip_options_find_the_known_anomalies(run_dir):
-    _, rows, pixel = run_dir
+    _, rows, pixel, _ = run_dir
     by = {r["option"]: r for r in rows}
     assert by["local top-2 zscore"]["auroc_all"] > 0.99
     assert by["local top-2 zscore"]["balanced_accuracy"] > 0.9
@@ -77,10 +86,17 @@ def test_cross_clip_options_find_the_known_anomalies(run_dir):
     assert by["local vote, paper rule, LOO-clip loc_dens"]["auroc_all"] < \
         by["local top-2 zscore"]["auroc_all"]
     assert pixel["local top-2 zscore"] > 0.9
+    # Motion sees the anomaly's onset and end (it is static in between).
+    motion = run_dir[3]
+    for clip in np.unique(motion["clip"]):
+        sel = motion["clip"] == clip
+        peak = motion.loc[sel, "frame_index"].to_numpy()[motion.loc[sel, "score"].argmax()]
+        assert peak in (8, 9, 15, 16)
+    assert "appearance+motion local zscore + causal mean 16" in by
 
 
 def test_run_folder_round_trips(run_dir):
-    out, rows, _ = run_dir
+    out, rows, _, _ = run_dir
     frames, summary, maps = read_run(out)
     assert len(frames) == 3 * FRAMES and len(summary["options"]) == len(rows)
     assert maps.shape == (len(summary["patch_map_options"]), 3 * FRAMES, GRID * GRID)
@@ -105,7 +121,7 @@ def test_report_page_renders_in_headless_chromium(run_dir):
         if os.environ.get("VITAD_REQUIRE_BROWSER"):
             pytest.fail("chromium is required here (VITAD_REQUIRE_BROWSER) but not installed")
         pytest.skip("no chromium: apt-get install chromium")
-    out, rows, _ = run_dir
+    out, rows, _, _ = run_dir
     assert vitad(["report", str(out)]) == 0
     page_dir = out / "report"
     with serve_folder(page_dir) as base:

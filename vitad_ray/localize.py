@@ -24,7 +24,7 @@ def upsample_maps(patch_scores: np.ndarray, size: tuple[int, int]) -> np.ndarray
             raise ValueError(f"{maps.shape[1]} patches do not form a square grid")
         maps = maps.reshape(-1, g, g)
     with torch.inference_mode():
-        t = torch.from_numpy(np.ascontiguousarray(maps))[:, None]
+        t = torch.from_numpy(np.array(maps, np.float32, copy=True))[:, None]  # mmap: read-only
         up = F.interpolate(t, size=tuple(size), mode="bilinear", align_corners=False)
     return up[:, 0].numpy()
 

@@ -60,36 +60,72 @@ class CrossClipScores:
 class FrameOptions:
     scores: dict[str, np.ndarray] = field(default_factory=dict)  # name -> [M] frame score
     patch_maps: dict[str, np.ndarray] = field(default_factory=dict)  # name -> [M, P]
+    # Standardized (against leave-one-clip-out training frames) z-score evidence for fusion:
+    # name -> [M]; and the patch z-scores [M, P] behind the local one.
+    evidence: dict[str, np.ndarray] = field(default_factory=dict)
+    local_z: np.ndarray | None = None
 
 
-def frame_options(cs: CrossClipScores, test_ids: pd.DataFrame, train_ids: pd.DataFrame,
-                  k: int | float = 10, fusion_weight: float = 0.5, temporal: str = "ema",
-                  temporal_size: float = 4.0, prefix: str = "") -> FrameOptions:
-    """Every cross-clip option as a frame score. Names say what each does."""
+def frame_options(cs: CrossClipScores, test_ids: pd.DataFrame, k: int | float = 10,
+                  fusion_weight: float = 0.5, temporal: str = "mean", temporal_size: float = 16,
+                  prefix: str = "") -> FrameOptions:
+    """Every cross-clip option of one feature stream as a frame score; names say what each
+    does. The paper's capped rule is kept, fed with leave-one-clip-out loc_dens."""
     out = FrameOptions()
     clips, index = test_ids["clip"].to_numpy(), test_ids["frame_index"].to_numpy()
+    smooth = f"causal {temporal} {temporal_size:g}"
     raw, _ = cs.scores("raw")
     out.scores[f"{prefix}global d (raw)"] = raw[0]
     out.scores[f"{prefix}local top-{k} mean d (raw)"] = topk_mean(raw[1:].T, k)
+    out.patch_maps[f"{prefix}local top-{k} mean d (raw)"] = raw[1:].T
     ratio, _ = cs.scores("ratio")
     capped = np.minimum(ratio, 1.0)
     out.scores[f"{prefix}global, paper rule, LOO-clip loc_dens"] = capped[0]
     out.scores[f"{prefix}local vote, paper rule, LOO-clip loc_dens"] = vote_score(capped[1:].T)
     out.scores[f"{prefix}local top-{k} ratio (LOO-clip loc_dens)"] = topk_mean(ratio[1:].T, k)
-    for calibration in ("zscore", "ecdf"):
-        test, ref = cs.scores(calibration)
-        g, g_ref = test[0], ref[0]
-        local, local_ref = topk_mean(test[1:].T, k), topk_mean(ref[1:].T, k)
-        out.scores[f"{prefix}global {calibration}"] = g
-        out.scores[f"{prefix}local top-{k} {calibration}"] = local
-        out.patch_maps[f"{prefix}local top-{k} {calibration}"] = test[1:].T
-        fused = fuse(standardize(g, g_ref), standardize(local, local_ref), fusion_weight)
-        name = f"{prefix}fusion {calibration} (w={fusion_weight})"
-        out.scores[name] = fused
-        out.patch_maps[name] = test[1:].T
-        smoothed = smooth_in_time(fused, clips, index, temporal, temporal_size)
-        out.scores[f"{name} + causal {temporal} {temporal_size:g}"] = smoothed
-        out.patch_maps[f"{name} + causal {temporal} {temporal_size:g}"] = test[1:].T
+    ecdf, _ = cs.scores("ecdf")
+    out.scores[f"{prefix}local top-{k} ecdf"] = topk_mean(ecdf[1:].T, k)
+    out.patch_maps[f"{prefix}local top-{k} ecdf"] = ecdf[1:].T
+    z, z_ref = cs.scores("zscore")
+    g, local = z[0], topk_mean(z[1:].T, k)
+    out.scores[f"{prefix}global zscore"] = g
+    out.scores[f"{prefix}local top-{k} zscore"] = local
+    out.patch_maps[f"{prefix}local top-{k} zscore"] = z[1:].T
+    out.scores[f"{prefix}local top-{k} zscore + {smooth}"] = smooth_in_time(
+        local, clips, index, temporal, temporal_size)
+    out.evidence["global"] = standardize(g, z_ref[0])
+    out.evidence["local"] = standardize(local, topk_mean(z_ref[1:].T, k))
+    out.local_z = z[1:].T
+    fused = fuse(out.evidence["global"], out.evidence["local"], fusion_weight)
+    name = f"{prefix}fusion global+local zscore (w={fusion_weight:g})"
+    out.scores[name] = fused
+    out.scores[f"{name} + {smooth}"] = smooth_in_time(fused, clips, index, temporal,
+                                                      temporal_size)
+    out.patch_maps[name] = out.patch_maps[f"{name} + {smooth}"] = z[1:].T
+    return out
+
+
+def appearance_motion_options(appearance: FrameOptions, motion: FrameOptions,
+                              test_ids: pd.DataFrame, fusion_weight: float = 0.5,
+                              temporal: str = "mean", temporal_size: float = 16,
+                              prefix: str = "") -> FrameOptions:
+    """Appearance and motion evidence on one scale, averaged; with the global scope; smoothed."""
+    out = FrameOptions()
+    clips, index = test_ids["clip"].to_numpy(), test_ids["frame_index"].to_numpy()
+    smooth = f"causal {temporal} {temporal_size:g}"
+    local = (appearance.evidence["local"] + motion.evidence["local"]) / 2
+    maps = (appearance.local_z + motion.local_z) / 2
+    name = f"{prefix}appearance+motion local zscore"
+    out.scores[name] = local
+    out.scores[f"{name} + {smooth}"] = smooth_in_time(local, clips, index, temporal,
+                                                      temporal_size)
+    fused = fuse(appearance.evidence["global"], local, fusion_weight)
+    fname = f"{prefix}appearance+motion, fusion with global (w={fusion_weight:g})"
+    out.scores[fname] = fused
+    out.scores[f"{fname} + {smooth}"] = smooth_in_time(fused, clips, index, temporal,
+                                                       temporal_size)
+    for n in out.scores:
+        out.patch_maps[n] = maps
     return out
 
 
