@@ -40,7 +40,8 @@ def parse_feature(text: str) -> tuple[str, str, tuple[int, ...]]:
 
 
 def manifest_frames(manifest: str) -> pd.DataFrame:
-    man = pd.read_csv(manifest, dtype={"clip": str, "split": str}).fillna({"mask_path": ""})
+    man = pd.read_csv(manifest, dtype={"clip": str, "split": str})
+    man["mask_path"] = man["mask_path"].fillna("") if "mask_path" in man else ""
     root = Path(manifest).parent
     # `vitad embed` keeps clips of different splits apart as "split/clip".
     man["clip"] = [f"{s}/{c}" if s else c for s, c in zip(man["split"], man["clip"])]
@@ -50,11 +51,13 @@ def manifest_frames(manifest: str) -> pd.DataFrame:
 
 
 def load_split(path: str, split: str, blocks: tuple[int, ...], man: pd.DataFrame):
-    """One split of a feature set, restricted to the manifest's frames (a subsampled manifest
-    compares feature sets embedded from different frame samples on the same frames)."""
+    """One split of a feature set, restricted to the manifest's frames of that split (a
+    subsampled manifest compares feature sets embedded from different samples on one sample)."""
     emb = load_embeddings(path, splits=[split])
-    keys = set(zip(man["clip"], man["frame_index"]))
-    emb = emb.select([k in keys for k in zip(emb.ids["clip"], emb.ids["frame_index"])])
+    listed = man[man["split"] == split]
+    if len(listed):  # a split the manifest does not list (videos, say) is taken whole
+        keys = set(zip(listed["clip"], listed["frame_index"]))
+        emb = emb.select([k in keys for k in zip(emb.ids["clip"], emb.ids["frame_index"])])
     if not len(emb):
         raise SystemExit(f"{path}: no {split} frames of the manifest")
     return select_layers(emb, blocks) if blocks else emb
@@ -82,7 +85,8 @@ def main(argv=None) -> int:
     p.add_argument("--features", action="append", required=True,
                    help="NAME=EMBEDDINGS_DIR[#blocks]; the first is the primary feature set")
     p.add_argument("--model", help="a `vitad fit` model of the primary features: paper rows")
-    p.add_argument("--k", type=int, default=10, help="top-k patches")
+    p.add_argument("--k", type=lambda t: float(t) if "." in t else int(t), default=10,
+                   help="top-k patches: a count (10), or a share of the grid (0.04)")
     p.add_argument("--fusion-weight", type=float, default=0.5)
     p.add_argument("--temporal", default="mean", choices=["none", "mean", "ema"])
     p.add_argument("--temporal-size", type=float, default=16,
@@ -141,8 +145,9 @@ def main(argv=None) -> int:
                 del cs
                 gc.collect()
             if len(per_stream) == 2:
-                both = appearance_motion_options(*per_stream, test.ids,
-                                                 prefix=f"[{name}{tag}] ", **options_kw)
+                both = appearance_motion_options(
+                    *per_stream, test.ids, prefix=f"[{name}{tag}] ",
+                    **{k: v for k, v in options_kw.items() if k != "k"})
                 scores.update(both.scores)
                 maps.update(both.patch_maps)
             del per_stream
@@ -163,9 +168,10 @@ def main(argv=None) -> int:
     if args.coreset:
         primary = parse_feature(args.features[0])[0]
         tag = f" coreset {args.coreset:g}"
-        full = {r["option"]: r for r in rows if r["option"].startswith(f"[{primary}] ")}
-        for r in rows:
-            if r["option"].startswith(f"[{primary}{tag}] "):
+        mine = [r for r in rows if r["option"].startswith(f"[{primary}")]
+        full = {r["option"]: r for r in mine if tag not in r["option"]}
+        for r in mine:
+            if tag in r["option"]:
                 base = full[r["option"].replace(tag, "", 1)]
                 coreset_rows.append({"option": base["option"], "auroc_full": base["auroc"],
                                      "auroc_coreset": r["auroc"],

@@ -64,6 +64,7 @@ class FrameOptions:
     # name -> [M]; and the patch z-scores [M, P] behind the local one.
     evidence: dict[str, np.ndarray] = field(default_factory=dict)
     local_z: np.ndarray | None = None
+    local_raw: np.ndarray | None = None
 
 
 def frame_options(cs: CrossClipScores, test_ids: pd.DataFrame, k: int | float = 10,
@@ -76,8 +77,14 @@ def frame_options(cs: CrossClipScores, test_ids: pd.DataFrame, k: int | float = 
     smooth = f"causal {temporal} {temporal_size:g}"
     raw, _ = cs.scores("raw")
     out.scores[f"{prefix}global d (raw)"] = raw[0]
-    out.scores[f"{prefix}local top-{k} mean d (raw)"] = topk_mean(raw[1:].T, k)
+    raw_local = topk_mean(raw[1:].T, k)
+    out.scores[f"{prefix}local top-{k} mean d (raw)"] = raw_local
+    out.scores[f"{prefix}local top-{k} mean d (raw) + {smooth}"] = smooth_in_time(
+        raw_local, clips, index, temporal, temporal_size)
     out.patch_maps[f"{prefix}local top-{k} mean d (raw)"] = raw[1:].T
+    out.patch_maps[f"{prefix}local top-{k} mean d (raw) + {smooth}"] = raw[1:].T
+    out.evidence["local raw"] = standardize(raw_local, topk_mean(cs.est.loo_d_[1:].T, k))
+    out.local_raw = raw[1:].T
     ratio, _ = cs.scores("ratio")
     capped = np.minimum(ratio, 1.0)
     out.scores[f"{prefix}global, paper rule, LOO-clip loc_dens"] = capped[0]
@@ -119,13 +126,19 @@ def appearance_motion_options(appearance: FrameOptions, motion: FrameOptions,
     out.scores[name] = local
     out.scores[f"{name} + {smooth}"] = smooth_in_time(local, clips, index, temporal,
                                                       temporal_size)
+    raw = fuse(appearance.evidence["local raw"], motion.evidence["local raw"], fusion_weight)
+    rname = f"{prefix}appearance+motion local d (raw, standardized; w={fusion_weight:g})"
+    out.scores[rname] = raw
+    out.scores[f"{rname} + {smooth}"] = smooth_in_time(raw, clips, index, temporal,
+                                                       temporal_size)
     fused = fuse(appearance.evidence["global"], local, fusion_weight)
     fname = f"{prefix}appearance+motion, fusion with global (w={fusion_weight:g})"
     out.scores[fname] = fused
     out.scores[f"{fname} + {smooth}"] = smooth_in_time(fused, clips, index, temporal,
                                                        temporal_size)
+    raw_maps = (appearance.local_raw + motion.local_raw) / 2
     for n in out.scores:
-        out.patch_maps[n] = maps
+        out.patch_maps[n] = raw_maps if n.startswith(rname) else maps
     return out
 
 
