@@ -19,7 +19,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from vitad_ray.embeddings import load_embeddings, select_layers
@@ -100,7 +99,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
 
-    scores, maps, feature_rows, pixel_rows, coreset_rows = {}, {}, [], [], []
+    scores, maps, feature_rows, coreset_rows = {}, {}, [], []
     ids = None
     man = manifest_frames(args.manifest)
     options_kw = dict(k=args.k, fusion_weight=args.fusion_weight, temporal=args.temporal,

@@ -12,6 +12,7 @@ import math
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -26,6 +27,9 @@ from .modeldir import hdbscan_path, read_model_json, shard_locations
 from .normality import knnn_confidence, knnn_ratio
 from .progress import Progress
 from .store import GLOBAL, ScopeStore, collection_name, scope_names
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 INDEXES = ("exact", "chroma")
 METHODS = ("kmeans", "hdbscan")
@@ -182,7 +186,7 @@ def write_scores(path: str | os.PathLike, ids: dict, results: dict) -> None:
     os.replace(tmp, path)
 
 
-def read_scores(path: str | os.PathLike) -> tuple["pd.DataFrame", dict]:
+def read_scores(path: str | os.PathLike) -> tuple[pd.DataFrame, dict]:
     """(identity + scalar columns as a DataFrame, {list column: numpy array [N, P]})."""
     table = pq.read_table(path)
     scalar = [f.name for f in table.schema if not pa.types.is_fixed_size_list(f.type)]
