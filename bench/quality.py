@@ -22,6 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from vitad_ray.embeddings import load_embeddings, select_layers
+from vitad_ray.frames import clip_key
 from vitad_ray.localize import load_masks, pixel_auroc
 from vitad_ray.motion import patch_motion
 from vitad_ray.quality import (CrossClipScores, appearance_motion_options, evaluate_options,
@@ -42,8 +43,7 @@ def manifest_frames(manifest: str) -> pd.DataFrame:
     man = pd.read_csv(manifest, dtype={"clip": str, "split": str})
     man["mask_path"] = man["mask_path"].fillna("") if "mask_path" in man else ""
     root = Path(manifest).parent
-    # `vitad embed` keeps clips of different splits apart as "split/clip".
-    man["clip"] = [f"{s}/{c}" if s else c for s, c in zip(man["split"], man["clip"])]
+    man["clip"] = [clip_key(s, c) for s, c in zip(man["split"], man["clip"])]  # as embedded
     man["image_path"] = [str(root / p) for p in man["path"]]
     man["mask_path"] = [str(root / p) if p else "" for p in man["mask_path"]]
     return man

@@ -292,13 +292,13 @@ class Backbone:
             finally:
                 for h in hooks:
                     h.remove()
-            return torch_cat([self.model.norm(taken[i]) for i in layers])
+            return _cat_tokens([self.model.norm(taken[i]) for i in layers])
         kwargs = {"interpolate_pos_encoding": True} if self.spec.family == "ijepa" else {}
         out = self.model(pixel_values=x, output_hidden_states=bool(layers), **kwargs)
         if not layers:
             return out.last_hidden_state
         # hidden_states[0] is the patch embedding; hidden_states[i] is block i's output.
-        return torch_cat([self.model.layernorm(out.hidden_states[i]) for i in layers])
+        return _cat_tokens([self.model.layernorm(out.hidden_states[i]) for i in layers])
 
     def embed(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Embed uint8 frames [B, S, S, 3] already resized to the spec's image size."""
@@ -321,7 +321,7 @@ class Backbone:
         return glob.cpu().numpy(), patches.cpu().numpy()
 
 
-def torch_cat(tokens: list):
+def _cat_tokens(tokens: list):
     import torch
 
     return tokens[0] if len(tokens) == 1 else torch.cat(tokens, dim=-1)

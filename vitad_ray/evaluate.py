@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,20 @@ from .metrics import Evaluation, auroc, evaluate_scores, to_csv, to_markdown
 from .score import METHODS, read_scores, vote_score
 
 METHOD_TITLES = {"kmeans": "k-Means", "hdbscan": "HDBSCAN"}
+
+
+@dataclass
+class Split:
+    calibration_clips: list[str]
+    evaluated_clips: list[str]
+    is_calib: np.ndarray  # per frame
+
+
+def split_test_clips(ids, fraction: float = 1 / 3, seed: int = 0) -> Split:
+    """Test clips split (by clip) into threshold-calibration clips and evaluated clips."""
+    y, clips = ids["label"].to_numpy(), ids["clip"].to_numpy()
+    calib, rest = split_clips({c: y[clips == c] for c in np.unique(clips)}, fraction, seed)
+    return Split(list(map(str, calib)), list(map(str, rest)), np.isin(clips, calib))
 
 
 def frame_scores(df, arrays: dict, method: str) -> dict[str, np.ndarray]:
@@ -40,11 +55,10 @@ def evaluate_run(scores_path: str | os.PathLike, backbone: str, mode: str = "cal
     y = df["label"].to_numpy().astype(int)
     clips = df["clip"].to_numpy()
     if mode == "calibrated":
-        calib, rest = split_clips({c: y[clips == c] for c in np.unique(clips)}, calib_fraction, seed)
-        is_calib = np.isin(clips, calib)
+        split = split_test_clips(df, calib_fraction, seed)
     else:
-        calib, rest = [], sorted(np.unique(clips).tolist())
-        is_calib = np.zeros(len(y), bool)
+        split = Split([], sorted(map(str, np.unique(clips))), np.zeros(len(y), bool))
+    calib, rest, is_calib = split.calibration_clips, split.evaluated_clips, split.is_calib
     is_eval = ~is_calib
 
     evaluations: list[Evaluation] = []

@@ -23,6 +23,12 @@ PAPER_FPS = 4.17  # the paper sampled its videos at 4.17 frames per second
 ID_COLUMNS = ("frame_id", "clip", "frame_index", "timestamp_s", "split", "label")
 
 
+def clip_key(split: str, clip: str) -> str:
+    """Clips of different splits may share a name ("01"): a manifest clip is kept apart as
+    "split/clip"."""
+    return f"{split}/{clip}" if split else clip
+
+
 def frame_id(clip: str, frame_index: int) -> str:
     return f"{clip}/{int(frame_index)}"
 
@@ -52,8 +58,7 @@ def items_from_manifest(path: str | os.PathLike, splits: Iterable[str] | None = 
             if wanted is not None and row["split"] not in wanted:
                 continue
             index = int(row["frame_index"])
-            # Clips of different splits may share a name ("01"): keep them apart.
-            clip = f"{row['split']}/{row['clip']}" if row["split"] else row["clip"]
+            clip = clip_key(row["split"], row["clip"])
             label = int(row["label"]) if row.get("label", "") not in ("", None) else -1
             items.append(_item("image", root / row["path"], clip, row["split"], index, label,
                                index / frame_rate))

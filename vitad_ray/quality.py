@@ -21,8 +21,8 @@ import pandas as pd
 from .aggregate import fuse, smooth_in_time, standardize, topk_mean
 from .crossclip import CrossClipNormality
 from .embeddings import Embeddings
+from .evaluate import Split, split_test_clips  # noqa: F401 (part of this module's API)
 from .fit import stack_scopes
-from .frames import split_clips
 from .metrics import auroc, evaluate_scores
 from .score import vote_score
 
@@ -153,19 +153,6 @@ def paper_options(model_dir: str | os.PathLike, test: Embeddings) -> FrameOption
     out.scores["paper local (k-Means, majority vote)"] = vote_score(conf[1:].T)
     out.patch_maps["paper local (k-Means, majority vote)"] = conf[1:].T
     return out
-
-
-@dataclass
-class Split:
-    calibration_clips: list[str]
-    evaluated_clips: list[str]
-    is_calib: np.ndarray
-
-
-def split_test_clips(ids: pd.DataFrame, fraction: float = 1 / 3, seed: int = 0) -> Split:
-    y, clips = ids["label"].to_numpy(), ids["clip"].to_numpy()
-    calib, rest = split_clips({c: y[clips == c] for c in np.unique(clips)}, fraction, seed)
-    return Split(list(map(str, calib)), list(map(str, rest)), np.isin(clips, calib))
 
 
 def evaluate_options(scores: dict[str, np.ndarray], y: np.ndarray, split: Split) -> list[dict]:
