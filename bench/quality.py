@@ -25,8 +25,9 @@ from vitad_ray.embeddings import load_embeddings, select_layers
 from vitad_ray.frames import clip_key
 from vitad_ray.localize import load_masks, pixel_auroc
 from vitad_ray.motion import patch_motion
-from vitad_ray.quality import (CrossClipScores, appearance_motion_options, evaluate_options,
-                               frame_options, paper_options, split_test_clips, write_run)
+from vitad_ray.quality import (CrossClipScores, appearance_motion_options, chosen_on_calibration,
+                               evaluate_options, frame_options, paper_options, split_test_clips,
+                               write_run)
 
 MASK_SIZE = (80, 120)  # a third of Ped2's 240 x 360: 19 M pixels over the 2,010 test frames
 
@@ -143,6 +144,16 @@ def main(argv=None) -> int:
                       f"{cs.score_s:.1f} s, memory {cs.memory_bytes / 2**20:.0f} MB", flush=True)
                 del cs
                 gc.collect()
+            if coreset is None:
+                chosen, choices = chosen_on_calibration(
+                    dict(zip(["appearance", "motion"], per_stream)), test.ids,
+                    ids["label"].to_numpy().astype(int), split,
+                    fusion_weight=args.fusion_weight, prefix=f"[{name}] ")
+                scores.update(chosen.scores)
+                maps.update(chosen.patch_maps)
+                for c in choices:
+                    print(f"[{name}] chosen on the calibration clips: {c.source}, top-{c.k:g}, "
+                          f"window {c.window} (calibration AUROC {c.calib_auroc:.3f})", flush=True)
             if len(per_stream) == 2:
                 both = appearance_motion_options(
                     *per_stream, test.ids, prefix=f"[{name}{tag}] ",

@@ -146,6 +146,8 @@ def main() -> None:
     ap.add_argument("--batch-wait-ms", type=float, default=50.0)
     ap.add_argument("--embed-threads", type=int, default=2)
     ap.add_argument("--shard-threads", type=int, default=2)
+    ap.add_argument("--no-projected-search", action="store_true",
+                    help="shards search every training vector (no certified projection bound)")
     ap.add_argument("--offline-batch", type=int, default=16)
     ap.add_argument("--no-offline", action="store_true")
     ap.add_argument("--url", help="an already running endpoint (skips deploying)")
@@ -180,6 +182,7 @@ def main() -> None:
                               port=_free_port(), token=args.token, embed_batch=args.embed_batch,
                               batch_wait_ms=args.batch_wait_ms, embed_threads=args.embed_threads,
                               shard_threads=args.shard_threads,
+                              projected_search=not args.no_projected_search,
                               max_images=max(32, args.per_request))
             t0 = time.perf_counter()
             url = start(cfg)
@@ -199,6 +202,9 @@ def main() -> None:
                 print(f"{str(n_shards):>6} {scope:>6} {phase:>8} {conc:>4} "
                       f"{res['requests_per_s']:>7} {res['frames_per_s']:>8} {res['p50']:>7} "
                       f"{res['p95']:>7} {res['p99']:>7} {res['errors']:>6}", flush=True)
+                if res.get("median_ms"):
+                    print("    lone frame, server-side medians (ms): " + ", ".join(
+                        f"{k} {v}" for k, v in res["median_ms"].items()), flush=True)
                 for sample in res["error_samples"]:
                     print(f"    error: {sample}", flush=True)
         if not args.url:
@@ -214,6 +220,8 @@ async def _sequential(url, images, scope, n, token) -> dict:
 
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     ms, errors, samples = [], 0, []
+    parts = {"receive": [], "decode": [], "embed": [], "score": [], "server": []}  # where a
+    # lone frame's time goes: request parsing, image decoding, backbone, search, whole handler
     async with httpx.AsyncClient(timeout=120, headers=headers) as client:
         start = time.monotonic()
         for i in range(n):
@@ -223,13 +231,19 @@ async def _sequential(url, images, scope, n, token) -> dict:
                                   data={"scope": scope})
             if r.status_code == 200:
                 ms.append(1000 * (time.perf_counter() - t0))
+                body = r.json()
+                timing = body["results"][0]["timings_ms"]
+                for key in ("receive", "decode", "embed", "score"):
+                    parts[key].append(timing[key])
+                parts["server"].append(body["timings_ms"]["total"])
             else:
                 errors += 1
                 samples.append(f"{r.status_code}: {r.text[:200]}")
         wall = time.monotonic() - start
     return {"scope": scope, "concurrency": 1, "seconds": round(wall, 1), "requests": n,
             "errors": errors, "requests_per_s": round(n / wall, 2),
-            "frames_per_s": round(len(ms) / wall, 2), **percentiles(ms), "error_samples": samples}
+            "frames_per_s": round(len(ms) / wall, 2), **percentiles(ms), "error_samples": samples,
+            "median_ms": {k: round(float(np.median(v)), 1) for k, v in parts.items() if v}}
 
 
 if __name__ == "__main__":

@@ -84,7 +84,13 @@ def test_layers_concatenate_blocks_through_the_final_norm(name):
     np.testing.assert_allclose(loc[:, :, 32:], loc_last, rtol=1e-5, atol=1e-5)
     assert np.abs(loc[:, :, :32] - loc_last).max() > 1e-2  # block 1 is something else
     with pytest.raises(ValueError, match="blocks"):
-        create_backbone(name, device="cpu", layers=(3,)).embed(frames)
+        create_backbone(name, device="cpu", layers=(3,))
+    # Asking for block 1 only runs block 1, and gives the same features as the two-block run.
+    first = create_backbone(name, device="cpu", layers=(1,))
+    assert first.depth == 1
+    g1, loc1 = first.embed(frames)
+    np.testing.assert_allclose(loc1, loc[:, :, :32], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(g1, g[:, :32], rtol=1e-5, atol=1e-5)
 
 
 def test_layers_are_parsed_and_checked():

@@ -145,3 +145,33 @@ def test_motion_is_the_change_since_lag_frames_earlier_in_frame_index_units():
     np.testing.assert_allclose(mot.global_[:, 0], mot.local[:, 0, 0])
     with pytest.raises(ValueError, match="lag"):
         patch_motion(emb, lag=0)
+
+
+def test_k_and_window_are_chosen_on_the_calibration_clips_alone():
+    import pandas as pd
+
+    from vitad_ray.quality import FrameOptions, Split, chosen_on_calibration
+
+    rng = np.random.default_rng(5)
+    n_clips, per_clip, patches = 6, 40, 100
+    clips = np.repeat([f"test/{i:02d}" for i in range(n_clips)], per_clip)
+    ids = pd.DataFrame({"clip": clips, "frame_index": np.tile(np.arange(per_clip), n_clips)})
+    y = np.zeros(len(ids), int)
+    y[(ids["frame_index"] >= 20).to_numpy()] = 1           # the second half of every clip
+    raw = rng.normal(1.0, 0.3, (len(ids), patches))
+    raw[y == 1, :2] += 3.0                                 # anomalies: 2 patches of 100
+    ref = rng.normal(1.0, 0.3, (200, patches))
+    opts = FrameOptions(local_raw=raw, local_raw_ref=ref)
+    split = Split(["test/00", "test/01"], [f"test/{i:02d}" for i in range(2, 6)],
+                  np.isin(clips, ["test/00", "test/01"]))
+    out, choices = chosen_on_calibration({"appearance": opts}, ids, y, split,
+                                         ks=(0.02, 0.5), windows=(1, 4))
+    assert len(choices) == 1 and choices[0].k == 0.02       # the tail mean finds 2 patches
+    assert choices[0].calib_auroc > 0.99
+    (name, score), = out.scores.items()
+    assert "top-0.02" in name and "chosen on calibration clips" in name
+    # Labels of the evaluated clips play no part: flipping them changes nothing.
+    y_flipped = np.where(split.is_calib, y, 1 - y)
+    _, again = chosen_on_calibration({"appearance": opts}, ids, y_flipped, split,
+                                     ks=(0.02, 0.5), windows=(1, 4))
+    assert again == choices

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from vitad_ray.knn import knn, knn_stacked, pairwise_distances
+from vitad_ray.knn import ProjectedSearch, knn, knn_stacked, pairwise_distances
 from vitad_ray.normality import (HDBSCANNormality, KMeansNormality, k_range, knnn_confidence,
                                  knnn_ratio, local_density)
 
@@ -99,3 +99,41 @@ def test_exact_knn_matches_brute_force_and_refines_distances():
     assert d1.shape == (12, 1) and np.all(i1[:5, 0] == np.arange(5))
     pd = pairwise_distances(train[0][:10])
     assert np.allclose(np.diag(pd), 0) and np.allclose(pd, pd.T)
+
+
+def test_projected_search_is_exact_and_falls_back_when_it_cannot_certify():
+    rng = np.random.default_rng(3)
+    # Vectors far from the origin, near a 6-dimensional subspace of R^48 (as patch features
+    # mostly vary along a few directions), with a little noise off it.
+    basis = rng.normal(0, 1, (4, 6, 48))
+    train = 50 + np.einsum("snk,skd->snd", rng.normal(0, 3, (4, 600, 6)), basis)
+    train = (train + rng.normal(0, 0.05, train.shape)).astype(np.float32)
+    queries = np.concatenate([
+        train[:, :6] + rng.normal(0, 0.05, (4, 6, 48)),
+        50 + np.einsum("snk,skd->snd", rng.normal(0, 4, (4, 10, 6)), basis)
+        + rng.normal(0, 0.2, (4, 10, 48))], axis=1).astype(np.float32)
+    index = ProjectedSearch(train, dims=8, spare=16)
+    for k in (1, 5):
+        dist, idx = index.search(queries, k=k)
+        ref_d, ref_i = knn_stacked(queries, train, k=k)
+        np.testing.assert_array_equal(idx, ref_i)
+        np.testing.assert_array_equal(dist, ref_d)
+    assert index.certified_ > 0.9 * (index.certified_ + index.fallback_)
+    # A subset of scopes, as a serving shard asks for.
+    dist, idx = index.search(queries[1:3], k=2, scopes=slice(1, 3))
+    np.testing.assert_array_equal(idx, knn_stacked(queries[1:3], train[1:3], k=2)[1])
+    # Sixty near-copies of each of 10 vectors: more copies of the nearest one than candidates,
+    # so the bound cannot rule the rest out and nothing certifies in the first round. The second
+    # round (8x the candidates) takes in every copy and certifies, giving the true order (which
+    # float32 ranking of the full search cannot resolve among copies 1e-4 apart); without it
+    # (1x), every answer goes to the full search.
+    base = (50 + rng.normal(0, 3, (1, 10, 48))).astype(np.float32)
+    dupes = np.repeat(base, 60, axis=1) + rng.normal(0, 1e-4, (1, 600, 48)).astype(np.float32)
+    q = (base[:, :5] + rng.normal(0, 0.5, (1, 5, 48))).astype(np.float32)
+    brute = np.linalg.norm(q[0][:, None].astype(np.float64) - dupes[0][None], axis=-1)
+    tight = ProjectedSearch(dupes, dims=8, spare=16, second_round=8)
+    np.testing.assert_array_equal(tight.search(q, k=3)[1][0], np.argsort(brute, axis=1)[:, :3])
+    assert (tight.certified_, tight.second_round_, tight.fallback_) == (0, 5, 0)
+    tight = ProjectedSearch(dupes, dims=8, spare=16, second_round=1)
+    np.testing.assert_array_equal(tight.search(q, k=3)[1], knn_stacked(q, dupes, k=3)[1])
+    assert (tight.certified_, tight.second_round_, tight.fallback_) == (0, 0, 5)

@@ -118,6 +118,19 @@ def test_chroma_and_exact_paths_agree(model, embedded):
     np.testing.assert_allclose(a["kmeans_d"][0], brute.min(axis=1), rtol=1e-5)
 
 
+def test_projected_search_scorer_answers_as_the_full_search(model, embedded):
+    emb = load_embeddings(embedded["out"] / "tiny-dinov2", splits=["test"])
+    full = ModelScorer(model["dir"], index="exact")
+    pruned = ModelScorer(model["dir"], index="exact", projected=True)
+    assert pruned.projected_ is not None
+    for i in range(0, len(emb), max(1, len(emb) // 6)):  # lone frames: the projected path
+        a = full.score(emb.global_[i:i + 1], emb.local[i:i + 1], ("kmeans",))
+        b = pruned.score(emb.global_[i:i + 1], emb.local[i:i + 1], ("kmeans",))
+        for key in ("kmeans", "kmeans_d"):
+            np.testing.assert_array_equal(a[key], b[key])
+    assert pruned.projected_.certified_ > 0
+
+
 def test_scores_table_and_anomalies_score_higher(model, embedded, tmp_path):
     from vitad_ray.cli import main
 

@@ -252,11 +252,29 @@ class Backbone:
         local = resolve_weights(spec, weights)
         self.model = (_build_timm if spec.family == "timm-vit" else _build_hf)(spec, local)
         self.model.eval().requires_grad_(False)
+        self._drop_blocks_past(max(spec.layers, default=0))
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model.to(self.device)
         self._mean = torch.tensor(spec.mean, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(spec.std, device=self.device).view(1, 3, 1, 1)
         self.num_prefix_tokens = self._count_prefix_tokens()
+
+    def _drop_blocks_past(self, deepest: int) -> None:
+        # Blocks after the deepest requested one never reach the output: not running them saves
+        # (depth - deepest) / depth of the compute (a quarter for block 9 of 12).
+        if not deepest:
+            return
+        if deepest > self.depth:
+            raise ValueError(f"{self.spec.name} has {self.depth} blocks, "
+                             f"layers asks for {self.spec.layers}")
+        if self.spec.family == "timm-vit":
+            self.model.blocks = self.model.blocks[:deepest]
+        elif hasattr(self.model, "encoder"):  # DINOv2 families
+            self.model.encoder.layer = self.model.encoder.layer[:deepest]
+        else:  # I-JEPA keeps its blocks on the model
+            self.model.layers = self.model.layers[:deepest]
+        if self.spec.family != "timm-vit":
+            self.model.config.num_hidden_layers = deepest
 
     def _count_prefix_tokens(self) -> int:
         if self.spec.family == "timm-vit":
@@ -279,8 +297,6 @@ class Backbone:
 
     def _tokens(self, x):
         layers = self.spec.layers
-        if layers and max(layers) > self.depth:
-            raise ValueError(f"{self.spec.name} has {self.depth} blocks, layers asks for {layers}")
         if self.spec.family == "timm-vit":
             if not layers:
                 return self.model.forward_features(x)

@@ -130,9 +130,10 @@ def build_dataset(items: list[dict], choices: list[BackboneChoice], batch_size: 
     # Decoding asks for a quarter CPU, embedders for half a CPU (plus a GPU when there is one):
     # the different resource shapes keep Ray Data from fusing decode into the embedder actors, so
     # CPU tasks decode while the accelerator embeds; and the actors, however many backbones, never
-    # hold every CPU, which would leave no room for decoding and stall the stream.
+    # hold every CPU, which would leave no room for decoding and stall the stream. Tasks and actors
+    # are spread over the nodes by Ray Data's default strategy (SPREAD).
     ds = ds.map_batches(decode_batch, fn_kwargs={"sizes": sizes}, batch_size=8,
-                        batch_format="numpy", num_cpus=0.25, scheduling_strategy="SPREAD")
+                        batch_format="numpy", num_cpus=0.25)
     nodes = max(1, sum(1 for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU")))
     for i, choice in enumerate(choices):
         gpus_each = 1 if gpus else 0
@@ -149,7 +150,7 @@ def build_dataset(items: list[dict], choices: list[BackboneChoice], batch_size: 
             batch_size=batch_size, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n_actors,
                                                initial_size=n_actors),
-            num_gpus=gpus_each, num_cpus=0.5, scheduling_strategy="SPREAD")
+            num_gpus=gpus_each, num_cpus=0.5)
     return ds
 
 

@@ -65,6 +65,7 @@ class FrameOptions:
     evidence: dict[str, np.ndarray] = field(default_factory=dict)
     local_z: np.ndarray | None = None
     local_raw: np.ndarray | None = None
+    local_raw_ref: np.ndarray | None = None  # leave-one-clip-out raw d of training frames [N, P]
 
 
 def frame_options(cs: CrossClipScores, test_ids: pd.DataFrame, k: int | float = 10,
@@ -85,6 +86,7 @@ def frame_options(cs: CrossClipScores, test_ids: pd.DataFrame, k: int | float = 
     out.patch_maps[f"{prefix}local top-{k} mean d (raw) + {smooth}"] = raw[1:].T
     out.evidence["local raw"] = standardize(raw_local, topk_mean(cs.est.loo_d_[1:].T, k))
     out.local_raw = raw[1:].T
+    out.local_raw_ref = cs.est.loo_d_[1:].T
     ratio, _ = cs.scores("ratio")
     capped = np.minimum(ratio, 1.0)
     out.scores[f"{prefix}global, paper rule, LOO-clip loc_dens"] = capped[0]
@@ -140,6 +142,60 @@ def appearance_motion_options(appearance: FrameOptions, motion: FrameOptions,
     for n in out.scores:
         out.patch_maps[n] = raw_maps if n.startswith(rname) else maps
     return out
+
+
+@dataclass
+class Choice:
+    source: str
+    k: float
+    window: int
+    calib_auroc: float
+
+
+def chosen_on_calibration(streams: dict[str, FrameOptions], test_ids: pd.DataFrame, y: np.ndarray,
+                          split: Split, ks=(0.01, 0.02, 0.04, 0.08, 0.16), windows=(1, 4, 8, 16),
+                          fusion_weight: float = 0.5, prefix: str = ""
+                          ) -> tuple[FrameOptions, list[Choice]]:
+    """The top-k share and causal window of the raw-distance options, chosen by AUROC on the
+    threshold-calibration clips alone, so the evaluated clips play no part in the choice.
+
+    ``streams`` maps a stream name ("appearance", "motion") to its options; with both, their
+    standardized fusion is a third source. One option per source, best first."""
+    clips, index = test_ids["clip"].to_numpy(), test_ids["frame_index"].to_numpy()
+    cal = split.is_calib
+
+    def local(opts: FrameOptions, k):
+        return topk_mean(opts.local_raw, k), topk_mean(opts.local_raw_ref, k)
+
+    def source_scores(name: str, k) -> np.ndarray:
+        if name in streams:
+            return local(streams[name], k)[0]
+        evidence = [standardize(*local(o, k)) for o in streams.values()]
+        return fuse(evidence[0], evidence[1], fusion_weight)
+
+    sources = list(streams) + (["appearance+motion"] if len(streams) == 2 else [])
+    out, choices = FrameOptions(), []
+    for name in sources:
+        best = None
+        for k in ks:
+            frame = source_scores(name, k)
+            for w in windows:
+                s = frame if w == 1 else smooth_in_time(frame, clips, index, "mean", w)
+                a = auroc(y[cal], s[cal])
+                if best is None or a > best[0].calib_auroc:
+                    best = (Choice(name, k, w, a), s)
+        choice, s = best
+        label = (f"{prefix}{name} local top-{choice.k:g} d (raw)"
+                 + (f" + causal mean {choice.window}" if choice.window > 1 else "")
+                 + " [k, window chosen on calibration clips]")
+        out.scores[label] = s
+        out.patch_maps[label] = (streams[name].local_raw if name in streams else
+                                 sum(o.local_raw for o in streams.values()) / len(streams))
+        choices.append(choice)
+    order = sorted(range(len(choices)), key=lambda i: -choices[i].calib_auroc)
+    names = list(out.scores)
+    out.scores = {names[i]: out.scores[names[i]] for i in order}
+    return out, [choices[i] for i in order]
 
 
 def paper_options(model_dir: str | os.PathLike, test: Embeddings) -> FrameOptions:

@@ -22,7 +22,7 @@ from .embeddings import _fixed_list, _to_numpy, identity_table
 from .fit import stack_scopes
 from .frames import ID_COLUMNS
 from .hdbscan_predict import load_state, membership_from_neighbors
-from .knn import knn_stacked
+from .knn import ProjectedSearch, knn_stacked
 from .modeldir import hdbscan_path, read_model_json, shard_locations
 from .normality import knnn_confidence, knnn_ratio
 from .progress import Progress
@@ -32,6 +32,9 @@ if TYPE_CHECKING:
     import pandas as pd
 
 INDEXES = ("exact", "chroma")
+# Up to this many frames a search is bound by reading the training vectors and the projected
+# search pays; past it, measuring every frame's candidates costs more than one full pass.
+PROJECTED_SEARCH_MAX_BATCH = 4
 METHODS = ("kmeans", "hdbscan")
 
 
@@ -55,12 +58,16 @@ class ModelScorer:
     """Holds a model's scopes (all, or a subset for one shard) and scores batches of frames."""
 
     def __init__(self, model_dir: str | os.PathLike, index: str = "exact",
-                 scopes: list[str] | None = None, hdbscan: bool = True, device: str | None = None):
+                 scopes: list[str] | None = None, hdbscan: bool = True, device: str | None = None,
+                 projected: bool = False):
         if index not in INDEXES:
             raise ValueError(f"index must be one of {INDEXES}, got {index!r}")
         self.model_dir = Path(model_dir)
         self.doc = read_model_json(model_dir)
         self.index, self.device = index, device
+        # Certified-exact pruned search for small batches (knn.ProjectedSearch): the answers
+        # are the full search's; memory grows by (dims + 1) / D. CPU only.
+        self.projected = projected and index == "exact" and device in (None, "cpu")
         self.backbone = self.doc["backbone"]
         self.num_patches = int(self.doc["embeddings"]["num_patches"])
         all_scopes = scope_names(self.num_patches)
@@ -93,6 +100,7 @@ class ModelScorer:
             vectors[s], self.loc_dens_[s] = vecs, dens
         self.train_ = torch.from_numpy(vectors)
         self.train_sqnorm_ = (self.train_ ** 2).sum(-1)
+        self.projected_ = ProjectedSearch(self.train_) if self.projected and _on_cpu() else None
         self.hdbscan_states_ = ([load_state(hdbscan_path(self.model_dir, s)) for s in self.scopes]
                                 if self.hdbscan else [])
         self.k_neighbors = max([1] + [2 * st.min_samples for st in self.hdbscan_states_])
@@ -112,6 +120,8 @@ class ModelScorer:
 
         ``queries`` holds the scopes ``self.scopes[scopes]`` (a slice: a view, never a copy).
         """
+        if self.projected_ is not None and queries.shape[1] <= PROJECTED_SEARCH_MAX_BATCH:
+            return self.projected_.search(queries, k=k, scopes=scopes)
         if self.index == "exact":
             return knn_stacked(queries, self.train_[scopes], k=k,
                                train_sqnorm=self.train_sqnorm_[scopes], device=self.device)
@@ -141,6 +151,12 @@ class ModelScorer:
                 1.0 - membership_from_neighbors(state, rows[s], dist[s])
                 for s, state in enumerate(self.hdbscan_states_[scopes])]).astype(np.float32)
         return out
+
+
+def _on_cpu() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
 
 
 def frame_results(scores: dict, scopes: list[str], thresholds: dict) -> dict:
