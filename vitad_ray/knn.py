@@ -88,16 +88,18 @@ class ProjectedSearch:
     (the left-out parts are at least |e_q - e| apart), and it is one (dims + 1)-wide matmul. The
     ``k + spare`` vectors with the smallest bound are measured exactly on the float32 vectors,
     and the answer is certified when the k-th exact distance is below the bound of every vector
-    left out (with the float32 rounding of the bound allowed for). Uncertified answers are
-    searched again in full, so the result equals ``knn_stacked``'s, while a lone query reads
-    (dims + 1) / D of the training data (97 / 384 for DINOv2-S at the default dims=96).
+    left out (with the float32 rounding of the bound allowed for). An uncertified answer gets a
+    second round with ``second_round`` times the candidates, then a full search. The answers are
+    the exact k nearest, as ``knn_stacked`` gives them (it can only differ among near-copies that
+    its float32 ranking cannot order), while a lone query reads (dims + 1) / D of the training
+    data (65 / 384 for DINOv2-S at the default dims=64).
 
     Pays for small batches only: each query measures its candidates exactly, so past a few
     queries that costs more than one full pass. ``train`` is [S, N, D] float32 (tensor or numpy
     array), kept as given for the exact distances and the fallback.
     """
 
-    def __init__(self, train, dims: int = 96, spare: int = 32, second_round: int = 8):
+    def __init__(self, train, dims: int = 64, spare: int = 32, second_round: int = 8):
         import torch
 
         self.train_ = train if isinstance(train, torch.Tensor) else torch.from_numpy(
