@@ -231,10 +231,10 @@ def write_run(out_dir: str | os.PathLike, ids: pd.DataFrame, scores: dict[str, n
     """The run folder ``vitad report`` reads: per-frame scores, patch maps, summary."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    frames = ids.reset_index(drop=True).copy()
     names = list(scores)
-    for i, name in enumerate(names):
-        frames[f"score_{i}"] = np.asarray(scores[name], np.float64)
+    columns = pd.DataFrame({f"score_{i}": np.asarray(scores[name], np.float64)
+                            for i, name in enumerate(names)})
+    frames = pd.concat([ids.reset_index(drop=True), columns], axis=1)  # one insert, not 70
     frames.to_parquet(out_dir / FRAMES_FILE)
     map_names = [n for n in names if n in patch_maps]
     if map_names:
