@@ -158,21 +158,25 @@ class ProjectedSearch:
             # D units of (|q - mean| + radius)^2 at worst; the slack is 16 times that.
             reach = centred.norm(dim=-1) + self.radius_[scopes].unsqueeze(1)
             slack = 16 * (self.dim + 2) * _F32_UNIT * reach ** 2
-            lower = torch.sqrt((val.max(dim=-1).values + q_sqnorm - slack).clamp_min(0.0))
-            certified = lower > dist[..., -1]
+
+            def left_out_above(cand_bound, q_sq, sl, kth_dist):
+                """No vector outside the candidates can be nearer than the k-th candidate."""
+                worst = cand_bound.max(dim=-1).values
+                return torch.sqrt((worst + q_sq - sl).clamp_min(0.0)) > kth_dist
+
+            certified = left_out_above(val, q_sqnorm, slack, dist[..., -1])
             dist_out, idx_out = dist.numpy().copy(), idx.numpy().copy()
             n_ok = int(certified.sum())
             self.certified_ += n_ok
             # Answers not certified: a second round with many more candidates (the bounds are
             # already there), then a full search for whatever is still not certified.
+            n_more = min(n_train, self.second_round * n_cand)
             for s in torch.nonzero(~certified.all(dim=1)).flatten().tolist():
                 rows = torch.nonzero(~certified[s]).flatten()
-                n_more = min(n_train, self.second_round * n_cand)
                 val, more = torch.topk(bound[s, rows], n_more, dim=-1, largest=False,
                                        sorted=False)
                 d, i = _nearest_candidates(train[s:s + 1], q[s:s + 1, rows], more[None], k)
-                ok = (torch.sqrt((val.max(dim=-1).values + q_sqnorm[s, rows]
-                                  - slack[s, rows]).clamp_min(0.0)) > d[0, :, -1])
+                ok = left_out_above(val, q_sqnorm[s, rows], slack[s, rows], d[0, :, -1])
                 if n_more == n_train:
                     ok[:] = True  # every vector was measured
                 dist_out[s, rows[ok].numpy()] = d[0, ok].numpy()

@@ -67,6 +67,10 @@ class FrameOptions:
     local_raw: np.ndarray | None = None
     local_raw_ref: np.ndarray | None = None  # leave-one-clip-out raw d of training frames [N, P]
 
+    def raw_evidence(self, k: int | float) -> np.ndarray:
+        """The top-k raw-distance frame score, standardized against the training frames'."""
+        return standardize(topk_mean(self.local_raw, k), topk_mean(self.local_raw_ref, k))
+
 
 def frame_options(cs: CrossClipScores, test_ids: pd.DataFrame, k: int | float = 10,
                   fusion_weight: float = 0.5, temporal: str = "mean", temporal_size: float = 16,
@@ -84,9 +88,9 @@ def frame_options(cs: CrossClipScores, test_ids: pd.DataFrame, k: int | float = 
         raw_local, clips, index, temporal, temporal_size)
     out.patch_maps[f"{prefix}local top-{k} mean d (raw)"] = raw[1:].T
     out.patch_maps[f"{prefix}local top-{k} mean d (raw) + {smooth}"] = raw[1:].T
-    out.evidence["local raw"] = standardize(raw_local, topk_mean(cs.est.loo_d_[1:].T, k))
     out.local_raw = raw[1:].T
     out.local_raw_ref = cs.est.loo_d_[1:].T
+    out.evidence["local raw"] = out.raw_evidence(k)
     ratio, _ = cs.scores("ratio")
     capped = np.minimum(ratio, 1.0)
     out.scores[f"{prefix}global, paper rule, LOO-clip loc_dens"] = capped[0]
@@ -164,13 +168,10 @@ def chosen_on_calibration(streams: dict[str, FrameOptions], test_ids: pd.DataFra
     clips, index = test_ids["clip"].to_numpy(), test_ids["frame_index"].to_numpy()
     cal = split.is_calib
 
-    def local(opts: FrameOptions, k):
-        return topk_mean(opts.local_raw, k), topk_mean(opts.local_raw_ref, k)
-
     def source_scores(name: str, k) -> np.ndarray:
         if name in streams:
-            return local(streams[name], k)[0]
-        evidence = [standardize(*local(o, k)) for o in streams.values()]
+            return topk_mean(streams[name].local_raw, k)
+        evidence = [o.raw_evidence(k) for o in streams.values()]
         return fuse(evidence[0], evidence[1], fusion_weight)
 
     sources = list(streams) + (["appearance+motion"] if len(streams) == 2 else [])

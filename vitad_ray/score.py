@@ -22,7 +22,7 @@ from .embeddings import _fixed_list, _to_numpy, identity_table
 from .fit import stack_scopes
 from .frames import ID_COLUMNS
 from .hdbscan_predict import load_state, membership_from_neighbors
-from .knn import ProjectedSearch, knn_stacked
+from .knn import ProjectedSearch, _device, knn_stacked
 from .modeldir import hdbscan_path, read_model_json, shard_locations
 from .normality import knnn_confidence, knnn_ratio
 from .progress import Progress
@@ -67,7 +67,7 @@ class ModelScorer:
         self.index, self.device = index, device
         # Certified-exact pruned search for small batches (knn.ProjectedSearch): the answers
         # are the full search's; memory grows by (dims + 1) / D. CPU only.
-        self.projected = projected and index == "exact" and device in (None, "cpu")
+        self.projected = projected and index == "exact" and _device(device).type == "cpu"
         self.backbone = self.doc["backbone"]
         self.num_patches = int(self.doc["embeddings"]["num_patches"])
         all_scopes = scope_names(self.num_patches)
@@ -100,7 +100,7 @@ class ModelScorer:
             vectors[s], self.loc_dens_[s] = vecs, dens
         self.train_ = torch.from_numpy(vectors)
         self.train_sqnorm_ = (self.train_ ** 2).sum(-1)
-        self.projected_ = ProjectedSearch(self.train_) if self.projected and _on_cpu() else None
+        self.projected_ = ProjectedSearch(self.train_) if self.projected else None
         self.hdbscan_states_ = ([load_state(hdbscan_path(self.model_dir, s)) for s in self.scopes]
                                 if self.hdbscan else [])
         self.k_neighbors = max([1] + [2 * st.min_samples for st in self.hdbscan_states_])
@@ -151,12 +151,6 @@ class ModelScorer:
                 1.0 - membership_from_neighbors(state, rows[s], dist[s])
                 for s, state in enumerate(self.hdbscan_states_[scopes])]).astype(np.float32)
         return out
-
-
-def _on_cpu() -> bool:
-    import torch
-
-    return not torch.cuda.is_available()
 
 
 def frame_results(scores: dict, scopes: list[str], thresholds: dict) -> dict:

@@ -60,7 +60,8 @@ class ServeConfig:
     embed_threads: int = 2
     shard_threads: int = 1
     # Shards search a lone frame's neighbours through a projection bound, certified exact
-    # (knn.ProjectedSearch): answers equal to the full search, ~9% of its memory traffic.
+    # (knn.ProjectedSearch): answers equal to the full search, about a sixth of its memory
+    # traffic.
     projected_search: bool = True
     embed_cpus: float = 0.5
     shard_cpus: float = 0.5
