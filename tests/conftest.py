@@ -72,3 +72,27 @@ def model(embedded, tmp_path_factory):
     cfg = FitConfig(n_shards=2)
     result = fit_model(embedded["out"] / "tiny-dinov2", model_dir, cfg, show_progress=False)
     return {"dir": model_dir, "result": result, "cfg": cfg}
+
+
+# --- a second small scene, embedded and fitted once: the reference the multi-node and killed-fit
+# tests compare their runs with (each of those runs starts clusters of its own) ----------------
+
+
+@pytest.fixture(scope="session")
+def small_reference(ray_local, tmp_path_factory):
+    """Four 16-frame training clips of tiny-dinov2 embeddings and their k-Means-only model, both
+    made on the session cluster."""
+    from vitad_ray.embed import BackboneChoice, run_embedding
+    from vitad_ray.fit import FitConfig, fit_model
+    from vitad_ray.frames import items_from_videos
+    from vitad_ray.synthetic import SceneConfig, generate_scene
+
+    root = tmp_path_factory.mktemp("small")
+    scene = generate_scene(root / "scene", SceneConfig(train_clips=4, test_clips=1,
+                                                       frames_per_clip=16, seed=2))
+    run_embedding(items_from_videos([scene["train_videos"]], "train", label=0, fps=0),
+                  [BackboneChoice("tiny-dinov2")], root / "emb", show_progress=False)
+    fit_model(root / "emb" / "tiny-dinov2", root / "model", FitConfig(hdbscan=False),
+              show_progress=False)
+    return {"root": root, "scene": scene, "emb": root / "emb" / "tiny-dinov2",
+            "model": root / "model"}

@@ -48,7 +48,7 @@ def test_worker_node_killed_during_embedding_loses_and_duplicates_nothing(tmp_pa
                    check=True, capture_output=True, timeout=180)
     try:
         scene = generate_scene(tmp_path / "scene", SceneConfig(train_clips=6, test_clips=1,
-                                                               frames_per_clip=40, seed=4))
+                                                               frames_per_clip=24, seed=4))
         out = tmp_path / "emb"
         # 896-pixel inputs (4,096 patches): slow enough that the node dies mid-stream.
         embed = subprocess.Popen(
@@ -65,13 +65,13 @@ def test_worker_node_killed_during_embedding_loses_and_duplicates_nothing(tmp_pa
         os.kill(_worker_raylet(state), signal.SIGKILL)
         logs, _ = embed.communicate(timeout=600)
         assert embed.returncode == 0, logs[-3000:]
-        assert 0 < written_before < 240, "the node must die while frames are still coming"
+        assert 0 < written_before < 144, "the node must die while frames are still coming"
         ids = _rows(emb_dir)
-        assert len(ids) == len(set(ids)) == 240  # every frame, exactly once
-        expected = {f"walk{c:02d}/{i}" for c in range(6) for i in range(40)}
+        assert len(ids) == len(set(ids)) == 144  # every frame, exactly once
+        expected = {f"walk{c:02d}/{i}" for c in range(6) for i in range(24)}
         assert set(ids) == expected
         run = json.loads((out / "embed_run.json").read_text())
-        assert run["written"] == 240 and run["errors"] == 0
+        assert run["written"] == 144 and run["errors"] == 0
     finally:
         subprocess.run(["bash", str(REPO / "cluster/local/stop.sh"), str(state)], env=_env(),
                        timeout=120)

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from vitad_ray.embeddings import load_embeddings
-from vitad_ray.synthetic import SceneConfig, generate_scene
 
 from .model_equality import assert_same_model
 
@@ -54,13 +53,12 @@ def _submit(dashboard: str, step: str, args: list[str]) -> str:
     return out.stdout
 
 
-def test_jobs_run_on_both_nodes_and_match_a_one_node_run(two_nodes, tmp_path):
-    scene = generate_scene(tmp_path / "scene", SceneConfig(train_clips=4, test_clips=1,
-                                                           frames_per_clip=16, seed=2))
+def test_jobs_run_on_both_nodes_and_match_a_one_node_run(two_nodes, small_reference, tmp_path):
+    ref = small_reference
     emb = tmp_path / "emb"
     logs = _submit(two_nodes["dashboard"], "embed",
-                   ["--videos", str(scene["train_videos"]), "--split", "train", "--fps", "0",
-                    "--backbone", "tiny-dinov2", "--batch-size", "4", "--out", str(emb)])
+                   ["--videos", str(ref["scene"]["train_videos"]), "--split", "train", "--fps",
+                    "0", "--backbone", "tiny-dinov2", "--batch-size", "4", "--out", str(emb)])
     assert "64 frames embedded" in logs
     alive = {n["NodeID"] for n in _nodes(two_nodes["address"])}
     run = json.loads((emb / "embed_run.json").read_text())
@@ -69,38 +67,28 @@ def test_jobs_run_on_both_nodes_and_match_a_one_node_run(two_nodes, tmp_path):
     # nodes covering every frame; the fit below must use both nodes.
     for key in ("decode_nodes", "nodes"):
         assert set(run[key]) <= alive and sum(run[key].values()) == 64
-    # The same embedding on a one-node cluster of its own gives the same vectors.
-    one = tmp_path / "emb-1node"
-    subprocess.run([str(BIN / "vitad"), "embed", "--videos", str(scene["train_videos"]),
-                    "--split", "train", "--fps", "0", "--backbone", "tiny-dinov2", "--out",
-                    str(one), "--num-cpus", "1"], env=_env(), check=True, capture_output=True,
-                   timeout=600)
-    a, b = (load_embeddings(d / "tiny-dinov2") for d in (emb, one))
+    # The same frames embedded on the one-node session cluster give the same vectors.
+    a, b = load_embeddings(emb / "tiny-dinov2"), load_embeddings(ref["emb"])
     order_a, order_b = np.argsort(a.ids["frame_id"].to_numpy()), \
         np.argsort(b.ids["frame_id"].to_numpy())
     np.testing.assert_array_equal(a.ids["frame_id"].to_numpy()[order_a],
                                   b.ids["frame_id"].to_numpy()[order_b])
     np.testing.assert_allclose(a.local[order_a], b.local[order_b], atol=1e-5)
     np.testing.assert_allclose(a.global_[order_a], b.global_[order_b], atol=1e-5)
+    # The fit of those embeddings on two nodes equals the one-node fit.
     multi = tmp_path / "model-2nodes"
     logs = _submit(two_nodes["dashboard"], "fit",
-                   [str(emb / "tiny-dinov2"), "--out", str(multi), "--no-hdbscan"])
+                   [str(ref["emb"]), "--out", str(multi), "--no-hdbscan"])
     assert "on 2 node(s)" in logs
     nodes = {json.loads(p.read_text())["node_id"] for p in (multi / "scopes").glob("*.json")}
     assert nodes == alive
-
-    # The same fit on a one-node cluster of its own gives the same model.
-    single = tmp_path / "model-1node"
-    subprocess.run([str(BIN / "vitad"), "fit", str(emb / "tiny-dinov2"), "--out", str(single),
-                    "--no-hdbscan", "--num-cpus", "1"], env=_env(), check=True,
-                   capture_output=True, timeout=600)
-    assert_same_model(multi, single, ("global", "patch-000", "patch-255"))
+    assert_same_model(multi, ref["model"], ("global", "patch-000", "patch-255"))
 
     # The serve-deploy job puts the endpoint on the cluster; it outlives the job.
     port = _free_port()
     _submit(two_nodes["dashboard"], "serve-deploy",
             [str(multi), "--port", str(port), "--embed-batch", "4"])
-    frame = next((tmp_path / "scene" / "test").rglob("*.png")).read_bytes()
+    frame = next((ref["root"] / "scene" / "test").rglob("*.png")).read_bytes()
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
         assert client.get("/v1/health").json()["status"] == "ok"
         r = client.post("/v1/detect", files=[("images", ("f.png", frame, "image/png"))])
