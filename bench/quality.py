@@ -26,8 +26,8 @@ from vitad_ray.frames import clip_key
 from vitad_ray.localize import load_masks, pixel_auroc
 from vitad_ray.motion import patch_motion
 from vitad_ray.quality import (CrossClipScores, appearance_motion_options, chosen_on_calibration,
-                               evaluate_options, frame_options, paper_options, split_test_clips,
-                               write_run)
+                               evaluate_options, frame_options, fused_raw, paper_options,
+                               split_test_clips, write_run)
 
 MASK_SIZE = (80, 120)  # a third of Ped2's 240 x 360: 19 M pixels over the 2,010 test frames
 
@@ -79,6 +79,28 @@ def fmt_table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
+def feature_streams(train, test, lags: list[int]):
+    """(label, train, test) of appearance, then of motion per lag, each made when its turn
+    comes: at 448 a pair of splits is 5 GB."""
+    yield "", train, test
+    for lag in lags:
+        yield f", motion lag {lag}", patch_motion(train, lag), patch_motion(test, lag)
+
+
+def calibration_sources(per_stream: list, lags: list[int], fusion_weight: float) -> dict:
+    """The raw-distance sources the calibration clips choose among: appearance, each motion
+    lag, the lags together, appearance with motion."""
+    sources = {"appearance": per_stream[0]}
+    sources.update({f"motion lag {lag}": o for lag, o in zip(lags, per_stream[1:])})
+    if len(lags) > 1:
+        sources[f"motion lags {'+'.join(map(str, lags))}"] = fused_raw(per_stream[1:])
+    if lags:
+        motion = list(sources.values())[-1]
+        sources["appearance+motion"] = fused_raw([per_stream[0], motion],
+                                                 [fusion_weight, 1 - fusion_weight])
+    return sources
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--manifest", required=True)
@@ -91,9 +113,9 @@ def main(argv=None) -> int:
     p.add_argument("--temporal", default="mean", choices=["none", "mean", "ema"])
     p.add_argument("--temporal-size", type=float, default=16,
                    help="causal window (mean) or half-life (ema), in frames")
-    p.add_argument("--motion-lag", type=int, default=2,
-                   help="add a motion stream: patch change since this many frames earlier "
-                        "(0: none)")
+    p.add_argument("--motion-lag", type=int, nargs="*", default=[2],
+                   help="add a motion stream per lag: patch change since this many frames "
+                        "earlier (none: no motion); with several, their fusion is a source too")
     p.add_argument("--coreset", type=float, default=0.25)
     p.add_argument("--calib-fraction", type=float, default=1 / 3)
     p.add_argument("--seed", type=int, default=0)
@@ -123,14 +145,10 @@ def main(argv=None) -> int:
         load_s = time.perf_counter() - t0
         runs = [(None, "")] + ([(args.coreset, f" coreset {args.coreset:g}")]
                                if i == 0 and args.coreset else [])
-        streams = [("", train, test)]
-        if args.motion_lag:
-            streams.append((f", motion lag {args.motion_lag}",
-                            patch_motion(train, args.motion_lag),
-                            patch_motion(test, args.motion_lag)))
+        lags = [lag for lag in args.motion_lag if lag]
         for coreset, tag in runs:
             per_stream = []
-            for stream, tr, te in streams:
+            for stream, tr, te in feature_streams(train, test, lags):
                 label = f"{name}{stream}{tag}"
                 cs = CrossClipScores(tr, te, coreset=coreset)
                 opts = frame_options(cs, te.ids, prefix=f"[{label}] ", **options_kw)
@@ -142,26 +160,26 @@ def main(argv=None) -> int:
                                      "fit_s": cs.fit_s, "score_s": cs.score_s, "load_s": load_s})
                 print(f"{label}: fit {cs.fit_s:.1f} s, nearest search of {len(te)} frames "
                       f"{cs.score_s:.1f} s, memory {cs.memory_bytes / 2**20:.0f} MB", flush=True)
-                del cs
+                del cs, tr, te
                 gc.collect()
             if coreset is None:
                 chosen, choices = chosen_on_calibration(
-                    dict(zip(["appearance", "motion"], per_stream)), test.ids,
-                    ids["label"].to_numpy().astype(int), split,
-                    fusion_weight=args.fusion_weight, prefix=f"[{name}] ")
+                    calibration_sources(per_stream, lags, args.fusion_weight), test.ids,
+                    ids["label"].to_numpy().astype(int), split, prefix=f"[{name}] ")
                 scores.update(chosen.scores)
                 maps.update(chosen.patch_maps)
                 for c in choices:
-                    print(f"[{name}] chosen on the calibration clips: {c.source}, top-{c.k:g}, "
-                          f"window {c.window} (calibration AUROC {c.calib_auroc:.3f})", flush=True)
-            if len(per_stream) == 2:
+                    print(f"[{name}] chosen on the calibration clips: {c.source}, pool "
+                          f"{c.pool}x{c.pool}, top-{c.k:g}, window {c.window} (calibration "
+                          f"AUROC {c.calib_auroc:.3f})", flush=True)
+            if len(per_stream) > 1:  # appearance with the first lag's motion
                 both = appearance_motion_options(
-                    *per_stream, test.ids, prefix=f"[{name}{tag}] ",
+                    *per_stream[:2], test.ids, prefix=f"[{name}{tag}] ",
                     **{k: v for k, v in options_kw.items() if k != "k"})
                 scores.update(both.scores)
                 maps.update(both.patch_maps)
             del per_stream
-        del train, test, streams
+        del train, test
         gc.collect()
 
     y = ids["label"].to_numpy().astype(int)

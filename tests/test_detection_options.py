@@ -4,7 +4,8 @@ temporal smoothing, k-center coreset and localization, on data whose answers are
 import numpy as np
 import pytest
 
-from vitad_ray.aggregate import causal_ema, causal_mean, fuse, standardize, topk_mean
+from vitad_ray.aggregate import (causal_ema, causal_mean, fuse, pool_patches, standardize,
+                                 topk_mean)
 from vitad_ray.coreset import kcenter_coreset
 from vitad_ray.crossclip import CrossClipNormality, loo_clip_neighbors
 from vitad_ray.localize import pixel_auroc, upsample_maps
@@ -115,6 +116,24 @@ def test_topk_fusion_and_causal_smoothing():
     np.testing.assert_array_equal(changed, [False, False, False, False, False, True])
 
 
+def test_pooling_groups_neighbouring_patches():
+    grid = np.zeros((1, 4, 4))
+    grid[0, 1, 1] = 9.0
+    pooled = pool_patches(grid.reshape(1, 16), 3).reshape(4, 4)
+    # The 3 x 3 windows holding (1, 1) each get 9 / 9 = 1; the rest stay 0.
+    np.testing.assert_allclose(pooled, np.pad(np.ones((3, 3)), ((0, 1), (0, 1))))
+    np.testing.assert_array_equal(pool_patches(grid.reshape(1, 16), 1), grid.reshape(1, 16))
+    # An object three patches wide outranks a lone spike twice as high once pooled.
+    obj, spike = np.zeros((8, 8)), np.zeros((8, 8))
+    obj[2:5, 2:5], spike[6, 6] = 1.0, 2.0
+    frames = np.stack([obj.ravel(), spike.ravel()])
+    assert topk_mean(frames, 1)[1] > topk_mean(frames, 1)[0]
+    after = topk_mean(pool_patches(frames, 3), 1)
+    assert after[0] > after[1]
+    with pytest.raises(ValueError, match="square grid"):
+        pool_patches(np.zeros((1, 10)), 3)
+
+
 def test_localization_upsamples_the_grid_and_scores_pixels():
     maps = np.zeros((2, 4, 4), np.float32)
     maps[0, 1, 2] = 5.0
@@ -150,7 +169,7 @@ def test_motion_is_the_change_since_lag_frames_earlier_in_frame_index_units():
 def test_k_and_window_are_chosen_on_the_calibration_clips_alone():
     import pandas as pd
 
-    from vitad_ray.quality import FrameOptions, Split, chosen_on_calibration
+    from vitad_ray.quality import FrameOptions, Split, chosen_on_calibration, fused_raw
 
     rng = np.random.default_rng(5)
     n_clips, per_clip, patches = 6, 40, 100
@@ -175,3 +194,15 @@ def test_k_and_window_are_chosen_on_the_calibration_clips_alone():
     _, again = chosen_on_calibration({"appearance": opts}, ids, y_flipped, split,
                                      ks=(0.02, 0.5), windows=(1, 4))
     assert again == choices
+    # Among sources: a stream of noise, and its fusion with the informative stream.
+    noise = FrameOptions(local_raw=rng.normal(1.0, 0.3, raw.shape), local_raw_ref=ref)
+    both = fused_raw([opts, noise])
+    out, choices = chosen_on_calibration({"noise": noise, "both": both}, ids, y, split,
+                                         ks=(0.02, 0.5), windows=(1, 4))
+    assert [c.source for c in choices] == ["both", "noise"]
+    assert choices[0].calib_auroc > 0.99 and choices[1].calib_auroc < 0.75
+    np.testing.assert_allclose(both.raw_evidence(0.02),
+                               (opts.raw_evidence(0.02) + noise.raw_evidence(0.02)) / 2)
+    nested = fused_raw([both, opts], [0.5, 0.5])  # opened up: three streams, weights multiplied
+    assert nested.weights == [0.25, 0.25, 0.5]
+    assert [id(p) for p in nested.parts] == [id(opts), id(noise), id(opts)]

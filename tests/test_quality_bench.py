@@ -20,7 +20,7 @@ def test_quality_bench_writes_a_reportable_run(embedded, model, scene, tmp_path,
     monkeypatch.setattr(sys, "argv", [
         str(BENCH), "--manifest", str(scene["manifest"]), "--features", f"tiny={emb}",
         "--features", f"tiny again={emb}", "--model", str(model["dir"]), "--k", "3",
-        "--motion-lag", "2", "--coreset", "0.5", "--out", str(out)])
+        "--motion-lag", "2", "4", "--coreset", "0.5", "--out", str(out)])
     with pytest.raises(SystemExit) as done:
         runpy.run_path(str(BENCH), run_name="__main__")
     assert done.value.code == 0
@@ -31,8 +31,12 @@ def test_quality_bench_writes_a_reportable_run(embedded, model, scene, tmp_path,
                    "[tiny again] "):
         assert any(o.startswith(prefix + "local top-3 zscore") for o in options), prefix
     assert any(o.startswith("[tiny] appearance+motion") for o in options)
-    assert {r["features"] for r in summary["features"]} >= {"tiny", "tiny, motion lag 2",
-                                                           "tiny coreset 0.5"}
+    # Each lag, the lags together and appearance+motion, chosen on the calibration clips.
+    for source in ("motion lag 2", "motion lag 4", "motion lags 2+4", "appearance+motion"):
+        assert any(o.startswith(f"[tiny] {source} local top-") and
+                   o.endswith("[chosen on calibration clips]") for o in options), source
+    assert {r["features"] for r in summary["features"]} >= {
+        "tiny", "tiny, motion lag 2", "tiny, motion lag 4", "tiny coreset 0.5"}
     assert summary["coreset"] and all(-1 <= r["delta"] <= 1 for r in summary["coreset"])
     assert summary["best"] in options
     assert (out / "quality.md").read_text().count("|") > 50

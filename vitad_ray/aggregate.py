@@ -3,6 +3,8 @@
 Each function is one named option beside the paper's majority vote (``score.vote_score``):
 - ``topk_mean``: the mean of a frame's k highest patch scores (AnomalyDINO's tail mean): an
   object a few patches wide raises it, where a majority vote needs half the frame;
+- ``pool_patches``: each patch's score averaged with its grid neighbours' (the paper's "grouping
+  sensitive patches"): an object spans several neighbouring patches, noise mostly one;
 - ``standardize`` + ``fuse``: global and local evidence on one scale (z against how normal
   frames of unseen clips score) and summed with a weight;
 - ``causal_mean`` / ``causal_ema``: smoothing within a clip over past frames only, so it can run
@@ -29,6 +31,23 @@ def topk_mean(patch_scores: np.ndarray, k: int | float = 10) -> np.ndarray:
     count = int(min(max(1, count), p))
     top = np.partition(patch_scores, p - count, axis=1)[:, p - count:]
     return top.mean(axis=1)
+
+
+def pool_patches(patch_scores: np.ndarray, size: int = 3) -> np.ndarray:
+    """Mean over a size x size window of the square patch grid, per frame: [B, P] -> [B, P]
+    (the grid's border repeated outward)."""
+    from scipy.ndimage import uniform_filter
+
+    patch_scores = np.asarray(patch_scores, np.float64)
+    if size <= 1:
+        return patch_scores
+    b, p = patch_scores.shape
+    grid = math.isqrt(p)
+    if grid * grid != p:
+        raise ValueError(f"{p} patches do not form a square grid")
+    pooled = uniform_filter(patch_scores.reshape(b, grid, grid), size=(1, size, size),
+                            mode="nearest")
+    return pooled.reshape(b, p)
 
 
 def standardize(scores: np.ndarray, reference: np.ndarray) -> np.ndarray:

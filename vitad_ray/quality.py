@@ -9,6 +9,7 @@ Ped2 and writes a run folder that ``vitad report`` renders.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .aggregate import fuse, smooth_in_time, standardize, topk_mean
+from .aggregate import fuse, pool_patches, smooth_in_time, standardize, topk_mean
 from .crossclip import CrossClipNormality
 from .embeddings import Embeddings
 from .evaluate import Split, split_test_clips  # noqa: F401 (part of this module's API)
@@ -67,9 +68,11 @@ class FrameOptions:
     local_raw: np.ndarray | None = None
     local_raw_ref: np.ndarray | None = None  # leave-one-clip-out raw d of training frames [N, P]
 
-    def raw_evidence(self, k: int | float) -> np.ndarray:
-        """The top-k raw-distance frame score, standardized against the training frames'."""
-        return standardize(topk_mean(self.local_raw, k), topk_mean(self.local_raw_ref, k))
+    def raw_evidence(self, k: int | float, pool: int = 1) -> np.ndarray:
+        """The top-k raw-distance frame score (patches pooled over ``pool`` x ``pool``
+        neighbours first), standardized against the training frames'."""
+        return standardize(topk_mean(pool_patches(self.local_raw, pool), k),
+                           topk_mean(pool_patches(self.local_raw_ref, pool), k))
 
 
 def frame_options(cs: CrossClipScores, test_ids: pd.DataFrame, k: int | float = 10,
@@ -149,49 +152,75 @@ def appearance_motion_options(appearance: FrameOptions, motion: FrameOptions,
 
 
 @dataclass
+class FusedRaw:
+    """Several streams' raw-distance evidence on one scale (each standardized against its own
+    leave-one-clip-out training frames), averaged with weights: motion over several lags, or
+    appearance with motion. A source for ``chosen_on_calibration`` like one stream's options."""
+
+    parts: list[FrameOptions]
+    weights: list[float]
+
+    def raw_evidence(self, k: int | float, pool: int = 1) -> np.ndarray:
+        return sum(w * p.raw_evidence(k, pool) for p, w in zip(self.parts, self.weights))
+
+    @property
+    def local_raw(self) -> np.ndarray:
+        """The patch map: each stream's patch d over the spread of its training frames' d."""
+        return sum(w * p.local_raw / max(float(p.local_raw_ref.std()), 1e-12)
+                   for p, w in zip(self.parts, self.weights))
+
+
+def fused_raw(parts: list, weights: list[float] | None = None) -> FusedRaw:
+    """Equal weights unless given; a FusedRaw among ``parts`` is opened up into its streams."""
+    weights = weights or [1 / len(parts)] * len(parts)
+    flat, flat_w = [], []
+    for p, w in zip(parts, weights):
+        inner = p.parts if isinstance(p, FusedRaw) else [p]
+        inner_w = p.weights if isinstance(p, FusedRaw) else [1.0]
+        flat += inner
+        flat_w += [w * iw for iw in inner_w]
+    return FusedRaw(flat, flat_w)
+
+
+@dataclass
 class Choice:
     source: str
     k: float
     window: int
     calib_auroc: float
+    pool: int = 1
 
 
-def chosen_on_calibration(streams: dict[str, FrameOptions], test_ids: pd.DataFrame, y: np.ndarray,
-                          split: Split, ks=(0.01, 0.02, 0.04, 0.08, 0.16), windows=(1, 4, 8, 16),
-                          fusion_weight: float = 0.5, prefix: str = ""
+def chosen_on_calibration(sources: dict[str, FrameOptions | FusedRaw], test_ids: pd.DataFrame,
+                          y: np.ndarray, split: Split, ks=(0.01, 0.02, 0.04, 0.08, 0.16),
+                          windows=(1, 4, 8, 16), pools=(1, 3), prefix: str = ""
                           ) -> tuple[FrameOptions, list[Choice]]:
-    """The top-k share and causal window of the raw-distance options, chosen by AUROC on the
-    threshold-calibration clips alone, so the evaluated clips play no part in the choice.
+    """The source, patch pooling, top-k share and causal window of the raw-distance options,
+    chosen by AUROC on the threshold-calibration clips alone, so the evaluated clips play no
+    part in the choice.
 
-    ``streams`` maps a stream name ("appearance", "motion") to its options; with both, their
-    standardized fusion is a third source. One option per source, best first."""
+    ``sources`` maps a name ("appearance", "motion lag 4", "appearance+motion", ...) to one
+    stream's options or a ``FusedRaw`` of several. One option per source, best first: the first
+    is the choice among sources too."""
     clips, index = test_ids["clip"].to_numpy(), test_ids["frame_index"].to_numpy()
     cal = split.is_calib
-
-    def source_scores(name: str, k) -> np.ndarray:
-        if name in streams:
-            return topk_mean(streams[name].local_raw, k)
-        evidence = [o.raw_evidence(k) for o in streams.values()]
-        return fuse(evidence[0], evidence[1], fusion_weight)
-
-    sources = list(streams) + (["appearance+motion"] if len(streams) == 2 else [])
     out, choices = FrameOptions(), []
-    for name in sources:
+    for name, source in sources.items():
         best = None
-        for k in ks:
-            frame = source_scores(name, k)
+        for pool, k in itertools.product(pools, ks):
+            frame = source.raw_evidence(k, pool)
             for w in windows:
                 s = frame if w == 1 else smooth_in_time(frame, clips, index, "mean", w)
                 a = auroc(y[cal], s[cal])
                 if best is None or a > best[0].calib_auroc:
-                    best = (Choice(name, k, w, a), s)
+                    best = (Choice(name, k, w, a, pool), s)
         choice, s = best
-        label = (f"{prefix}{name} local top-{choice.k:g} d (raw)"
+        pooled = f", {choice.pool}x{choice.pool} pooled" if choice.pool > 1 else ""
+        label = (f"{prefix}{name} local top-{choice.k:g} d (raw{pooled})"
                  + (f" + causal mean {choice.window}" if choice.window > 1 else "")
-                 + " [k, window chosen on calibration clips]")
+                 + " [chosen on calibration clips]")
         out.scores[label] = s
-        out.patch_maps[label] = (streams[name].local_raw if name in streams else
-                                 sum(o.local_raw for o in streams.values()) / len(streams))
+        out.patch_maps[label] = pool_patches(source.local_raw, choice.pool)
         choices.append(choice)
     order = sorted(range(len(choices)), key=lambda i: -choices[i].calib_auroc)
     names = list(out.scores)
