@@ -148,6 +148,8 @@ def main() -> None:
     ap.add_argument("--shard-threads", type=int, default=2)
     ap.add_argument("--no-projected-search", action="store_true",
                     help="shards search every training vector (no certified projection bound)")
+    ap.add_argument("--compute-niceness", default="0",
+                    help="niceness of the embedder and shard replicas ('none': Ray's 15)")
     ap.add_argument("--offline-batch", type=int, default=16)
     ap.add_argument("--no-offline", action="store_true")
     ap.add_argument("--url", help="an already running endpoint (skips deploying)")
@@ -183,6 +185,8 @@ def main() -> None:
                               batch_wait_ms=args.batch_wait_ms, embed_threads=args.embed_threads,
                               shard_threads=args.shard_threads,
                               projected_search=not args.no_projected_search,
+                              compute_niceness=None if args.compute_niceness == "none"
+                              else int(args.compute_niceness),
                               max_images=max(32, args.per_request))
             t0 = time.perf_counter()
             url = start(cfg)
