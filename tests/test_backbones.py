@@ -33,6 +33,40 @@ def test_tiny_backbones_give_global_and_256_patches(name, prefix):
     np.testing.assert_array_equal(g, g2)  # random weights are seeded: every actor agrees
 
 
+@pytest.mark.parametrize("name,layers", [("tiny-dinov2", ()), ("tiny-dinov2-reg", ()),
+                                         ("tiny-ijepa", ()), ("tiny-vit", ()), ("tiny-vit", (1, 2)),
+                                         ("tiny-dinov2", (1, 2))])
+def test_traced_forward_pass_equals_eager_at_every_batch_size(name, layers):
+    import torch
+
+    traced = create_backbone(name, device="cpu", layers=layers)
+    eager = create_backbone(name, device="cpu", layers=layers, trace=False)
+    assert traced.trace and not eager.trace  # CPU traces by default
+    rng = np.random.default_rng(1)
+    for batch in (1, 3, 1, 5):  # the trace is made on the first batch, reused on the others
+        frames = rng.integers(0, 255, (batch, 224, 224, 3), dtype=np.uint8)
+        for got, want in zip(traced.embed(frames), eager.embed(frames)):
+            np.testing.assert_array_equal(got, want)
+    assert isinstance(traced.traced_, torch.jit.ScriptModule) and traced.trace_error_ is None
+    assert traced.trace_checked_ == {(1, 3, 224, 224), (3, 3, 224, 224), (5, 3, 224, 224)}
+
+
+def test_a_trace_that_differs_from_eager_is_dropped_with_a_warning():
+    import torch
+
+    bb = create_backbone("tiny-dinov2", device="cpu")
+    tokens = bb._tokens
+    bb._tokens = lambda x: tokens(x) + torch.rand(())  # a trace replays other random draws
+    frames = np.zeros((2, 224, 224, 3), np.uint8)
+    with pytest.warns(UserWarning, match="running eager, not traced: the traced forward pass "
+                                         "differs from eager"):
+        bb.embed(frames)
+    assert not bb.trace and bb.traced_ is None
+    bb._tokens = tokens
+    np.testing.assert_array_equal(bb.embed(frames)[1],
+                                  create_backbone("tiny-dinov2", device="cpu").embed(frames)[1])
+
+
 def test_ijepa_global_is_mean_of_patches():
     bb = create_backbone("tiny-ijepa", device="cpu")
     g, loc = bb.embed(np.zeros((1, 224, 224, 3), np.uint8) + 100)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import os
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -245,7 +246,8 @@ def _build_timm(spec: BackboneSpec, local: str | None):
 class Backbone:
     """A loaded, frozen backbone: ``embed(uint8 frames) -> (global [B, D], local [B, P, D])``."""
 
-    def __init__(self, spec: BackboneSpec, weights: str | None = None, device: str | None = None):
+    def __init__(self, spec: BackboneSpec, weights: str | None = None, device: str | None = None,
+                 trace: bool | None = None):
         import torch
 
         self.spec = spec
@@ -258,6 +260,14 @@ class Backbone:
         self._mean = torch.tensor(spec.mean, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(spec.std, device=self.device).view(1, 3, 1, 1)
         self.num_prefix_tokens = self._count_prefix_tokens()
+        # On CPU, a DINOv2-S forward pass of one frame spends about a sixth of its time in the
+        # model's Python (hooks, output records); a TorchScript trace of the same ops skips it and
+        # gives the same numbers. Traced on the first batch; each new input shape is checked against
+        # eager once.
+        self.trace = self.device.type == "cpu" if trace is None else trace
+        self.traced_ = None
+        self.trace_checked_: set[tuple] = set()  # input shapes where trace == eager was seen
+        self.trace_error_: str | None = None
 
     def _drop_blocks_past(self, deepest: int) -> None:
         # Blocks after the deepest requested one never reach the output: not running them saves
@@ -328,13 +338,58 @@ class Backbone:
         use_amp = self.device.type == "cuda"
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16,
                                                     enabled=use_amp):
-            tokens = self._tokens(x).float()
+            tokens = self._traced_tokens(x) if self.trace else self._tokens(x)
+            tokens = tokens.float()
         patches = tokens[:, self.num_prefix_tokens:]
         if patches.shape[1] != self.spec.num_patches:
             raise RuntimeError(f"{self.spec.name}: {patches.shape[1]} patch tokens, "
                                f"expected {self.spec.num_patches}")
         glob = tokens[:, 0] if self.spec.global_pool == "cls" else patches.mean(dim=1)
         return glob.cpu().numpy(), patches.cpu().numpy()
+
+
+    def _traced_tokens(self, x):
+        """``_tokens`` through the trace; each new input shape is first checked against eager,
+        and any failure or difference turns tracing off (``trace_error_`` says why)."""
+        import torch
+
+        shape = tuple(x.shape)
+        if shape in self.trace_checked_:
+            return self.traced_(x)
+        eager = self._tokens(x)
+        try:
+            if self.traced_ is None:
+                self.traced_ = _trace(self.model, self._tokens, x)
+            same = torch.equal(self.traced_(x), eager)
+        except Exception as exc:  # noqa: BLE001  (whatever TorchScript cannot record: eager)
+            self._stop_tracing(f"{exc.__class__.__name__}: {str(exc)[:300]}")
+            return eager
+        if same:
+            self.trace_checked_.add(shape)
+        else:
+            self._stop_tracing(f"the traced forward pass differs from eager on input {shape}")
+        return eager
+
+    def _stop_tracing(self, reason: str) -> None:
+        self.trace, self.traced_, self.trace_error_ = False, None, reason
+        warnings.warn(f"{self.spec.name}: running eager, not traced: {reason}", stacklevel=3)
+
+
+def _trace(model, tokens: Callable, x):
+    """A frozen TorchScript trace of ``tokens(x)``, the function of ``model`` (weights folded)."""
+    import torch
+
+    class Tokens(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model  # a submodule, so that freezing folds its weights in
+
+        def forward(self, pixels):
+            return tokens(pixels)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's notes on Python-side shape checks
+        return torch.jit.freeze(torch.jit.trace(Tokens().eval(), x, check_trace=False))
 
 
 def _cat_tokens(tokens: list):
@@ -344,8 +399,10 @@ def _cat_tokens(tokens: list):
 
 
 def create_backbone(name: str, weights: str | None = None, image_size: int | None = None,
-                    device: str | None = None, layers: tuple[int, ...] | None = None) -> Backbone:
-    return Backbone(get_spec(name, image_size, layers), weights=weights, device=device)
+                    device: str | None = None, layers: tuple[int, ...] | None = None,
+                    trace: bool | None = None) -> Backbone:
+    return Backbone(get_spec(name, image_size, layers), weights=weights, device=device,
+                    trace=trace)
 
 
 def resize_frame(image: np.ndarray, size: int) -> np.ndarray:

@@ -24,15 +24,19 @@ def _device(device: str | None):
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def _nearest_candidates(train, queries, cand, k: int):
+def _nearest_candidates(train, queries, cand, k: int, scope_ix=None):
     """The k candidates nearest by exact distance: (dist [S, B, k], row [S, B, k]).
 
-    train [S, N, D], queries [S, B, D], cand [S, B, C] candidate rows (torch tensors)."""
+    train [S, N, D], queries [S, B, D], cand [S, B, C] candidate rows (torch tensors). With
+    ``scope_ix`` [S'] the i-th row of queries and cand belongs to scope ``scope_ix[i]`` of train
+    (S' rows of any scopes)."""
     import torch
 
     cand = torch.sort(cand, dim=-1).values  # equal distances: the lower row wins
-    scope_ix = torch.arange(train.shape[0], device=cand.device).view(-1, 1, 1)
-    dist = torch.linalg.vector_norm(train[scope_ix, cand] - queries.unsqueeze(2), dim=-1)
+    if scope_ix is None:
+        scope_ix = torch.arange(train.shape[0], device=cand.device)
+    dist = torch.linalg.vector_norm(train[scope_ix.view(-1, 1, 1), cand] - queries.unsqueeze(2),
+                                    dim=-1)
     dist, order = torch.sort(dist, dim=-1, stable=True)
     return dist[..., :k], torch.gather(cand, -1, order)[..., :k]
 
@@ -107,9 +111,12 @@ class ProjectedSearch:
         n_scopes, n_train, dim = self.train_.shape
         self.dims, self.spare, self.dim = min(dims, dim - 1), spare, dim
         self.second_round = second_round  # candidates of the second round, x the first's
+        self.pairs_per_round = 64  # (scope, query) pairs measured together in the second round
         self.mean_ = torch.empty(n_scopes, 1, dim)
         self.axes_ = torch.empty(n_scopes, dim, self.dims)           # principal axes
-        self.coords_ = torch.empty(n_scopes, n_train, self.dims + 1)  # [z, e] per vector
+        # [z, e] of each vector, a column each: the bound of one query then reads every row of
+        # a scope from start to end (a fifth faster than rows of dims + 1 on this CPU).
+        self.coords_ = torch.empty(n_scopes, self.dims + 1, n_train)
         self.sqnorm_ = torch.empty(n_scopes, n_train)                 # |z|^2 + e^2
         self.radius_ = torch.empty(n_scopes)                          # max |x - mean|
         with torch.inference_mode():
@@ -123,7 +130,7 @@ class ProjectedSearch:
                 e = (centred - z @ axes.T).norm(dim=-1, keepdim=True)
                 coords = torch.cat([z, e], dim=-1).float()
                 self.mean_[s, 0], self.axes_[s] = mean.float(), axes.float()
-                self.coords_[s] = coords
+                self.coords_[s] = coords.T
                 self.sqnorm_[s] = (coords.double() ** 2).sum(-1).float()
                 self.radius_[s] = centred.norm(dim=-1).max().float()
         # (scope, query) answers certified in the first round, in the second, or searched in
@@ -149,8 +156,8 @@ class ProjectedSearch:
             e = (centred - torch.bmm(z, axes.transpose(1, 2))).norm(dim=-1, keepdim=True)
             q_coords = torch.cat([z, e], dim=-1)
             q_sqnorm = (q_coords ** 2).sum(-1)                        # [S, B]
-            bound = torch.baddbmm(self.sqnorm_[scopes].unsqueeze(1), q_coords,
-                                  coords.transpose(1, 2), alpha=-2.0)  # + q_sqnorm: below
+            bound = torch.baddbmm(self.sqnorm_[scopes].unsqueeze(1), q_coords, coords,
+                                  alpha=-2.0)  # + q_sqnorm: below
             val, cand = torch.topk(bound, n_cand, dim=-1, largest=False, sorted=False)
             dist, idx = _nearest_candidates(train, q, cand, k)
             # Every vector left out has bound >= the largest candidate's. Allow for the float32
@@ -166,27 +173,31 @@ class ProjectedSearch:
 
             certified = left_out_above(val, q_sqnorm, slack, dist[..., -1])
             dist_out, idx_out = dist.numpy().copy(), idx.numpy().copy()
-            n_ok = int(certified.sum())
-            self.certified_ += n_ok
+            self.certified_ += int(certified.sum())
             # Answers not certified: a second round with many more candidates (the bounds are
-            # already there), then a full search for whatever is still not certified.
+            # already there), all such (scope, query) pairs at once, then a full search for
+            # whatever is still not certified.
+            pairs = torch.nonzero(~certified)
             n_more = min(n_train, self.second_round * n_cand)
-            for s in torch.nonzero(~certified.all(dim=1)).flatten().tolist():
-                rows = torch.nonzero(~certified[s]).flatten()
-                val, more = torch.topk(bound[s, rows], n_more, dim=-1, largest=False,
+            for lo in range(0, len(pairs), self.pairs_per_round):
+                s_ix, b_ix = pairs[lo:lo + self.pairs_per_round].unbind(1)
+                val, more = torch.topk(bound[s_ix, b_ix], n_more, dim=-1, largest=False,
                                        sorted=False)
-                d, i = _nearest_candidates(train[s:s + 1], q[s:s + 1, rows], more[None], k)
-                ok = left_out_above(val, q_sqnorm[s, rows], slack[s, rows], d[0, :, -1])
+                d, i = _nearest_candidates(train, q[s_ix, b_ix].unsqueeze(1), more.unsqueeze(1),
+                                           k, scope_ix=s_ix)
+                d, i = d[:, 0], i[:, 0]
+                ok = left_out_above(val, q_sqnorm[s_ix, b_ix], slack[s_ix, b_ix], d[:, -1])
                 if n_more == n_train:
                     ok[:] = True  # every vector was measured
-                dist_out[s, rows[ok].numpy()] = d[0, ok].numpy()
-                idx_out[s, rows[ok].numpy()] = i[0, ok].numpy()
-                self.second_round_ += int(ok.sum())
-                rest = rows[~ok].numpy()
-                if len(rest):
-                    self.fallback_ += len(rest)
-                    d, i = knn_stacked(queries[s:s + 1, rest], train[s:s + 1], k=k, device="cpu")
-                    dist_out[s, rest], idx_out[s, rest] = d[0], i[0]
+                s_ok, b_ok = s_ix[ok].numpy(), b_ix[ok].numpy()
+                dist_out[s_ok, b_ok], idx_out[s_ok, b_ok] = d[ok].numpy(), i[ok].numpy()
+                self.second_round_ += len(s_ok)
+                certified[s_ix[ok], b_ix[ok]] = True
+            for s in torch.nonzero(~certified.all(dim=1)).flatten().tolist():
+                rest = torch.nonzero(~certified[s]).flatten().numpy()
+                self.fallback_ += len(rest)
+                d, i = knn_stacked(queries[s:s + 1, rest], train[s:s + 1], k=k, device="cpu")
+                dist_out[s, rest], idx_out[s, rest] = d[0], i[0]
         return dist_out, idx_out
 
 
