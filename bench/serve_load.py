@@ -146,6 +146,8 @@ def main() -> None:
     ap.add_argument("--batch-wait-ms", type=float, default=50.0)
     ap.add_argument("--embed-threads", type=int, default=2)
     ap.add_argument("--shard-threads", type=int, default=2)
+    ap.add_argument("--no-trace", action="store_true",
+                    help="the embedder runs the backbone eagerly (no TorchScript trace)")
     ap.add_argument("--no-projected-search", action="store_true",
                     help="shards search every training vector (no certified projection bound)")
     ap.add_argument("--compute-niceness", default="0",
@@ -183,7 +185,7 @@ def main() -> None:
             cfg = ServeConfig(model_dir=args.model_dir, weights=args.weights, shards=n_shards,
                               port=_free_port(), token=args.token, embed_batch=args.embed_batch,
                               batch_wait_ms=args.batch_wait_ms, embed_threads=args.embed_threads,
-                              shard_threads=args.shard_threads,
+                              shard_threads=args.shard_threads, embed_trace=not args.no_trace,
                               projected_search=not args.no_projected_search,
                               compute_niceness=None if args.compute_niceness == "none"
                               else int(args.compute_niceness),

@@ -43,12 +43,14 @@ def test_traced_forward_pass_equals_eager_at_every_batch_size(name, layers):
     eager = create_backbone(name, device="cpu", layers=layers, trace=False)
     assert traced.trace and not eager.trace  # CPU traces by default
     rng = np.random.default_rng(1)
-    for batch in (1, 3, 1, 5):  # the trace is made on the first batch, reused on the others
+    # The trace is made on the first batch and checked against eager there and at the next
+    # batch size; batches of 5 and 2 go through it unchecked and must still equal eager.
+    for batch in (1, 3, 1, 5, 2):
         frames = rng.integers(0, 255, (batch, 224, 224, 3), dtype=np.uint8)
         for got, want in zip(traced.embed(frames), eager.embed(frames)):
             np.testing.assert_array_equal(got, want)
     assert isinstance(traced.traced_, torch.jit.ScriptModule) and traced.trace_error_ is None
-    assert traced.trace_checked_ == {(1, 3, 224, 224), (3, 3, 224, 224), (5, 3, 224, 224)}
+    assert traced.trace_checked_ == {(1, 3, 224, 224), (3, 3, 224, 224)}
 
 
 def test_a_trace_that_differs_from_eager_is_dropped_with_a_warning():

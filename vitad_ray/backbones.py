@@ -260,10 +260,9 @@ class Backbone:
         self._mean = torch.tensor(spec.mean, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(spec.std, device=self.device).view(1, 3, 1, 1)
         self.num_prefix_tokens = self._count_prefix_tokens()
-        # On CPU, a DINOv2-S forward pass of one frame spends about a sixth of its time in the
-        # model's Python (hooks, output records); a TorchScript trace of the same ops skips it and
-        # gives the same numbers. Traced on the first batch; each new input shape is checked against
-        # eager once.
+        # On CPU, a DINOv2-S forward pass spends about a tenth of its time in the model's Python
+        # (hooks, output records); a TorchScript trace of the same ops skips it and gives the
+        # same numbers (bench/backbone_speed.py). Traced on the first batch, checked on two.
         self.trace = self.device.type == "cpu" if trace is None else trace
         self.traced_ = None
         self.trace_checked_: set[tuple] = set()  # input shapes where trace == eager was seen
@@ -349,12 +348,14 @@ class Backbone:
 
 
     def _traced_tokens(self, x):
-        """``_tokens`` through the trace; each new input shape is first checked against eager,
-        and any failure or difference turns tracing off (``trace_error_`` says why)."""
+        """``_tokens`` through the trace. The first two input shapes are checked against eager;
+        a trace that gives eager's numbers at a batch size other than the one it was made at
+        has not fixed the batch size, and later shapes go through unchecked (a check costs one
+        eager pass). Any failure or difference turns tracing off (``trace_error_`` says why)."""
         import torch
 
         shape = tuple(x.shape)
-        if shape in self.trace_checked_:
+        if shape in self.trace_checked_ or len(self.trace_checked_) >= 2:
             return self.traced_(x)
         eager = self._tokens(x)
         try:
