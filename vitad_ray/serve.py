@@ -67,8 +67,9 @@ class ServeConfig:
     # traffic.
     projected_search: bool = True
     # Ray starts workers at niceness 15, under its own daemons; the embedder's two threads then
-    # lose their cores to any of them and the forward pass waits for the slower thread. The
-    # replicas that compute run at this niceness instead (None: Ray's default).
+    # lose their cores to any of them and the forward pass waits for the slower thread, and the
+    # ingress (parsing, decoding, every hop of a request) waits behind them too. The app's
+    # replicas run at this niceness instead (None: Ray's default).
     compute_niceness: int | None = 0
     embed_cpus: float = 0.5
     shard_cpus: float = 0.5
@@ -494,8 +495,8 @@ def model_info(cfg: ServeConfig, doc: dict, groups: list[list[str]]) -> dict:
     }
 
 
-def _compute_options(cfg: ServeConfig, num_cpus: float, num_gpus: float = 0) -> dict:
-    """Actor options of the embedder and the shards."""
+def _replica_options(cfg: ServeConfig, num_cpus: float, num_gpus: float = 0) -> dict:
+    """Actor options of the app's replicas."""
     options = {"num_cpus": num_cpus, "num_gpus": num_gpus}
     if cfg.compute_niceness is not None:
         options["runtime_env"] = {"env_vars": {"RAY_worker_niceness": str(cfg.compute_niceness)}}
@@ -526,14 +527,14 @@ def build_app(cfg: ServeConfig):
     gpu = cfg.use_gpu if cfg.use_gpu is not None else _cluster_has_gpu()
     embedder = Embedder.options(
         num_replicas=cfg.embed_replicas, max_ongoing_requests=4 * cfg.embed_batch,
-        ray_actor_options=_compute_options(cfg, cfg.embed_cpus, 1 if gpu else 0),
+        ray_actor_options=_replica_options(cfg, cfg.embed_cpus, 1 if gpu else 0),
     ).bind(doc["backbone"], weights, int(doc["embeddings"]["image_size"]), cfg.embed_threads,
            cfg.embed_batch, backend_wait_s, tuple(doc["embeddings"].get("layers") or ()),
            cfg.embed_trace)
     shards = [ScopeShard.options(
         name=f"ScopeShard{i}", num_replicas=cfg.shard_replicas,
         max_ongoing_requests=4 * cfg.shard_batch,
-        ray_actor_options=_compute_options(cfg, cfg.shard_cpus),
+        ray_actor_options=_replica_options(cfg, cfg.shard_cpus),
     ).bind(cfg.model_dir, group, cfg.index, cfg.shard_threads,
            max(cfg.shard_batch, cfg.embed_batch), backend_wait_s, cfg.projected_search)
         for i, group in enumerate(groups)]
@@ -542,7 +543,7 @@ def build_app(cfg: ServeConfig):
                 "batch_wait_s": wait_s}
     return Ingress.options(
         num_replicas=cfg.ingress_replicas, max_ongoing_requests=256,
-        ray_actor_options={"num_cpus": cfg.ingress_cpus},
+        ray_actor_options=_replica_options(cfg, cfg.ingress_cpus),
     ).bind(embedder, shards, info, settings)
 
 
