@@ -151,7 +151,7 @@ def main() -> None:
     ap.add_argument("--no-projected-search", action="store_true",
                     help="shards search every training vector (no certified projection bound)")
     ap.add_argument("--compute-niceness", default="0",
-                    help="niceness of the embedder and shard replicas ('none': Ray's 15)")
+                    help="niceness of the app's replicas ('none': Ray's 15)")
     ap.add_argument("--offline-batch", type=int, default=16)
     ap.add_argument("--no-offline", action="store_true")
     ap.add_argument("--url", help="an already running endpoint (skips deploying)")

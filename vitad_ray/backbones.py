@@ -346,7 +346,6 @@ class Backbone:
         glob = tokens[:, 0] if self.spec.global_pool == "cls" else patches.mean(dim=1)
         return glob.cpu().numpy(), patches.cpu().numpy()
 
-
     def _traced_tokens(self, x):
         """``_tokens`` through the trace. The first two input shapes are checked against eager;
         a trace that gives eager's numbers at a batch size other than the one it was made at
