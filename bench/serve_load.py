@@ -148,6 +148,8 @@ def main() -> None:
     ap.add_argument("--shard-threads", type=int, default=2)
     ap.add_argument("--no-trace", action="store_true",
                     help="the embedder runs the backbone eagerly (no TorchScript trace)")
+    ap.add_argument("--by-reference", action="store_true",
+                    help="calls between replicas through Ray object references, not by value")
     ap.add_argument("--no-projected-search", action="store_true",
                     help="shards search every training vector (no certified projection bound)")
     ap.add_argument("--compute-niceness", default="0",
@@ -187,6 +189,7 @@ def main() -> None:
                               batch_wait_ms=args.batch_wait_ms, embed_threads=args.embed_threads,
                               shard_threads=args.shard_threads, embed_trace=not args.no_trace,
                               projected_search=not args.no_projected_search,
+                              by_value=not args.by_reference,
                               compute_niceness=None if args.compute_niceness == "none"
                               else int(args.compute_niceness),
                               max_images=max(32, args.per_request))

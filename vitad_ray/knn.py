@@ -35,8 +35,11 @@ def _nearest_candidates(train, queries, cand, k: int, scope_ix=None):
     cand = torch.sort(cand, dim=-1).values  # equal distances: the lower row wins
     if scope_ix is None:
         scope_ix = torch.arange(train.shape[0], device=cand.device)
-    dist = torch.linalg.vector_norm(train[scope_ix.view(-1, 1, 1), cand] - queries.unsqueeze(2),
-                                    dim=-1)
+    n_train, dim = train.shape[1], train.shape[2]
+    # One index_select on the flattened rows: half the time of advanced indexing on CPU.
+    rows = train.reshape(-1, dim).index_select(0, (scope_ix.view(-1, 1, 1) * n_train + cand)
+                                               .flatten()).view(*cand.shape, dim)
+    dist = torch.linalg.vector_norm(rows - queries.unsqueeze(2), dim=-1)
     dist, order = torch.sort(dist, dim=-1, stable=True)
     return dist[..., :k], torch.gather(cand, -1, order)[..., :k]
 
