@@ -10,8 +10,9 @@ replica into one forward pass, and each shard scores a batch with one neighbour 
 Calls between replicas go by value over Serve's inter-replica gRPC (``by_value``): the embedding
 comes back to the ingress and travels on to each shard, which on one machine is quicker than
 the object store's round trips. With ``by_value=False`` they go as Ray object references instead
-and the embedding goes from the embedder to the shards without the ingress copying it. ``build_app`` (Python), ``app_builder`` (``serve run`` / a RayService)
-and ``vitad serve`` (CLI) all build the same graph from a ``ServeConfig``.
+and the embedding goes from the embedder to the shards without the ingress copying it.
+``build_app`` (Python), ``app_builder`` (``serve run`` / a RayService) and ``vitad serve`` (CLI)
+all build the same graph from a ``ServeConfig``.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route signatures at run time.
