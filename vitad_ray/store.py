@@ -7,6 +7,7 @@ PersistentClient: one writer process per folder) or the URL of a ``chroma run`` 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from urllib.parse import urlparse
@@ -72,10 +73,8 @@ class ScopeStore:
 
         # Delete by name, not after listing every collection: a listing grows with the store
         # and made a 257-scope fit quadratic (21 ms a listing at 60 collections).
-        try:
+        with contextlib.suppress(NotFoundError):
             self.client.delete_collection(name)
-        except NotFoundError:
-            pass
         self._collections.pop(name, None)
         coll = self.client.create_collection(
             name, embedding_function=None,
