@@ -154,6 +154,9 @@ def main() -> None:
                     help="shards search every training vector (no certified projection bound)")
     ap.add_argument("--compute-niceness", default="0",
                     help="niceness of the app's replicas ('none': Ray's 15)")
+    ap.add_argument("--direct-port", type=int,
+                    help="the local cluster runs Serve's direct ingress from this port up and the "
+                         "clients call the ingress replica there instead of the proxy")
     ap.add_argument("--offline-batch", type=int, default=16)
     ap.add_argument("--no-offline", action="store_true")
     ap.add_argument("--url", help="an already running endpoint (skips deploying)")
@@ -174,7 +177,7 @@ def main() -> None:
     from ray import serve
 
     from vitad_ray.runtime import init_ray
-    from vitad_ray.serve import ServeConfig, start
+    from vitad_ray.serve import ServeConfig, direct_urls, start
 
     header = (f"{'shards':>6} {'scope':>6} {'phase':>8} {'conc':>4} {'req/s':>7} {'frames/s':>8} "
               f"{'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} {'errors':>6}")
@@ -183,7 +186,7 @@ def main() -> None:
         if args.url:
             url = args.url
         else:
-            init_ray()
+            init_ray(direct_ingress_port=args.direct_port)
             cfg = ServeConfig(model_dir=args.model_dir, weights=args.weights, shards=n_shards,
                               port=_free_port(), token=args.token, embed_batch=args.embed_batch,
                               batch_wait_ms=args.batch_wait_ms, embed_threads=args.embed_threads,
@@ -196,6 +199,13 @@ def main() -> None:
             t0 = time.perf_counter()
             url = start(cfg)
             print(f"# {n_shards} shard(s) deployed in {time.perf_counter() - t0:.0f} s", flush=True)
+            if args.direct_port:
+                direct = direct_urls(cfg)
+                if not direct:
+                    sys.exit("--direct-port: the cluster runs no direct ingress (was one already "
+                             "running?)")
+                url = direct[0]
+                print(f"# clients call the ingress replica at {url} (direct ingress)", flush=True)
         for scope in args.scopes:
             asyncio.run(run_load(url, images, scope, 2, 5, 1, args.token))  # warm-up
             for phase, conc, duration in (("latency", 1, None), ("load", args.concurrency,

@@ -20,15 +20,23 @@ DINOV2_S = SHARED / "models" / "dinov2-small-imgfocus"
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """A real local Ray cluster (2 CPUs) for the whole session."""
+    """A real local Ray cluster (2 CPUs) for the whole session, running Serve's direct ingress."""
+    import socket
+
     import ray
 
-    from vitad_ray.runtime import init_ray
+    from vitad_ray.runtime import direct_ingress_env, environment, init_ray
 
     temp = tempfile.mkdtemp(prefix="vitad-ray-")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        direct_port = s.getsockname()[1]
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp, log_to_driver=False,
-                 logging_level="WARNING")
+        # With Serve's direct ingress on, as `vitad serve --direct-port` runs it: the endpoint
+        # tests call both the proxy and the ingress replica.
+        with environment(direct_ingress_env(direct_port)):
+            ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp, log_to_driver=False,
+                     logging_level="WARNING")
     init_ray()  # applies the project's Ray Data settings to this session
     yield ray
     ray.shutdown()

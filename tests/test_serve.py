@@ -113,6 +113,39 @@ def test_answers_equal_vitad_score(served, offline_scores, test_frames):
             assert a["global"]["anomalous"] == bool(df[f"global_{method}_anomalous"][i])
 
 
+def test_ingress_replica_answers_directly_on_127_0_0_1(served, test_frames):
+    """Serve's direct ingress: the ingress replica's own port gives the proxy's answers, with
+    the same token rules, and is not reachable on the node's other address."""
+    import ray
+    from ray.serve.context import _get_global_client
+
+    from vitad_ray.serve import direct_urls
+
+    urls = direct_urls(served["cfg"])
+    assert len(urls) == 1 and urls[0].startswith("http://127.0.0.1:")
+    assert urls[0] != served["url"]
+    frames = test_frames[:2]
+    via_proxy = _detect(served["client"], frames).json()["results"]
+    with httpx.Client(base_url=urls[0], timeout=60) as direct:
+        assert direct.get("/v1/health").json()["status"] == "ok"
+        assert _detect(direct, frames, headers={}).status_code == 401
+        bad = direct.post("/v1/detect", content=b"not an image", headers={
+            **AUTH, "Content-Type": "image/png"})
+        assert bad.status_code == 422 and "not an image" in bad.json()["error"]
+        answer = _detect(direct, frames)
+    assert answer.status_code == 200, answer.text
+    for a, b in zip(answer.json()["results"], via_proxy):
+        a.pop("timings_ms"), b.pop("timings_ms")
+        assert a == b
+    # The replica binds the app's host only: the node's own address is refused.
+    groups = ray.get(_get_global_client()._controller.get_target_groups.remote("vitad"))
+    node_ip = groups[0].targets[0].ip
+    port = int(urls[0].rsplit(":", 1)[1].split("/")[0])
+    if node_ip not in ("127.0.0.1", "localhost"):
+        with pytest.raises(OSError), socket.create_connection((node_ip, port), timeout=5):
+            pass
+
+
 def test_scope_and_threshold_overrides(served, test_frames):
     client, frame = served["client"], [test_frames[5]]
     base = _detect(client, frame).json()["results"][0]

@@ -98,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--thresholds", type=json.loads, default={},
                    help='overrides, e.g. \'{"kmeans": {"global": 0.9, "patch": 0.95}}\'')
     p.add_argument("--config", help="JSON or YAML file of serve settings (flags win)")
+    p.add_argument("--direct-port", type=int,
+                   help="a local cluster started here runs Serve's direct ingress: the ingress "
+                        "replicas also answer on this port (and up), skipping the proxy's hop. "
+                        "A joined cluster needs it in the environment it was started with")
     p.add_argument("--detach", action="store_true",
                    help="deploy and return; the app keeps running on the cluster (`serve "
                         "shutdown` or `serve delete vitad` stops it)")
@@ -272,15 +276,22 @@ def cmd_serve(args) -> dict:
     from ray import serve
 
     from .runtime import init_ray
-    from .serve import start
+    from .serve import direct_urls, start
 
     cfg = serve_config(args)
-    init_ray(args.address, args.num_cpus)
+    init_ray(args.address, args.num_cpus, direct_ingress_port=args.direct_port)
     url = start(cfg)
+    direct = direct_urls(cfg)
     _say(f"serving {cfg.model_dir} at {url}/v1/detect (health: {url}/v1/health, schema: "
          f"{url}/openapi.json)" + ("" if args.detach else "; Ctrl-C stops"))
+    if direct:
+        _say(f"ingress replicas answering directly: {', '.join(direct)}")
+    elif args.direct_port:
+        _say("--direct-port: this cluster does not run Serve's direct ingress (a joined cluster "
+             "needs it in the environment it was started with: vitad_ray.runtime."
+             "direct_ingress_env); serving through the proxy only")
     if args.detach:
-        return {"url": url}
+        return {"url": url, "direct_urls": direct}
     try:
         while True:
             time.sleep(3600)
@@ -288,7 +299,7 @@ def cmd_serve(args) -> dict:
         _say("stopping")
     finally:
         serve.shutdown()
-    return {"url": url}
+    return {"url": url, "direct_urls": direct}
 
 
 def cmd_report(args) -> dict:

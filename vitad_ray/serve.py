@@ -568,3 +568,18 @@ def start(cfg: ServeConfig, name: str = APP_NAME):
     serve.run(build_app(cfg), name=name, route_prefix=cfg.route_prefix, blocking=False)
     prefix = cfg.route_prefix.rstrip("/")
     return f"http://{cfg.host}:{cfg.port}{prefix}"
+
+
+def direct_urls(cfg: ServeConfig, name: str = APP_NAME) -> list[str]:
+    """The URLs of the app's ingress replicas where the cluster runs Serve's direct ingress
+    (``runtime.direct_ingress_env``): each answers the whole API itself, without the proxy's
+    hop. Empty on a cluster without it."""
+    import ray
+    from ray.serve.context import _get_global_client
+
+    groups = ray.get(_get_global_client()._controller.get_target_groups.remote(name))
+    prefix = cfg.route_prefix.rstrip("/")
+    any_host = cfg.host in ("0.0.0.0", "::")
+    return [f"http://{target.ip if any_host else cfg.host}:{target.port}{prefix}"
+            for group in groups if group.app_name == name and group.protocol == "HTTP"
+            for target in group.targets if target.name.startswith("SERVE_REPLICA::")]
