@@ -126,6 +126,16 @@ class FitResult:
     nodes: dict[str, int]
 
 
+def _round_robin(todo: list[int], shard: list[int]) -> list[int]:
+    """``todo`` taken in turn from each shard. Each shard has one writer; shards are contiguous
+    ranges of scopes, so in scope order one writer would store while the others waited."""
+    rank, seen = {}, {}
+    for i in todo:
+        rank[i] = seen.get(shard[i], 0)
+        seen[shard[i]] = rank[i] + 1
+    return sorted(todo, key=lambda i: (rank[i], shard[i]))
+
+
 def _signature(backbone: str, weights_sha: str, frame_ids: list[str], cfg: FitConfig) -> str:
     h = hashlib.sha256()
     h.update(f"{backbone}|{weights_sha}|".encode())
@@ -186,7 +196,8 @@ def fit_model(emb_dir: str | os.PathLike, model_dir: str | os.PathLike,
                 "hdbscan": cfg.hdbscan, "min_cluster_size": cfg.min_cluster_size,
                 "min_samples": cfg.min_samples}
     fit_task = ray.remote(num_cpus=1, max_retries=3)(fit_one_scope)
-    todo = [i for i, sc in enumerate(scopes) if sc not in done]
+    todo = _round_robin([i for i, sc in enumerate(scopes) if sc not in done],
+                        [shard_of(i, len(scopes), cfg.n_shards) for i in range(len(scopes))])
     cpus = int(ray.cluster_resources().get("CPU", 1))
     max_in_flight = cfg.max_in_flight or 2 * cpus
     progress = Progress("fit", total=len(todo), enabled=show_progress)
