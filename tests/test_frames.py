@@ -1,9 +1,11 @@
 import csv
+import inspect
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from vitad_ray.embed import DECODE_CHUNK_FRAMES, decode_batch
 from vitad_ray.frames import (decode_item, items_from_frame_folder, items_from_manifest,
                               items_from_videos, sample_video, split_clips)
 from vitad_ray.synthetic import write_video
@@ -30,6 +32,29 @@ def test_video_sampled_at_requested_fps(tmp_path):
     rows = list(decode_item(item[0], (224,)))
     assert len(rows) == 15 and rows[2]["frame_id"] == "clip/4"
     assert rows[0]["pixels_224"].shape == (224, 224, 3) and not rows[0]["error"]
+
+
+def test_a_long_video_leaves_decoding_in_chunks(tmp_path):
+    """Decode tasks stream: a video's frames come out in chunks as they are decoded, not as one
+    block at the end of the file."""
+    n = 2 * DECODE_CHUNK_FRAMES + 6
+    write_video(tmp_path / "long.mp4", [np.pad(f, ((0, 16), (0, 0), (0, 0))) for f in _frames(n)],
+                fps=10.0)
+    write_video(tmp_path / "short.mp4", [np.pad(f, ((0, 16), (0, 0), (0, 0))) for f in _frames(5)],
+                fps=10.0)
+    items = items_from_videos([tmp_path], split="train", fps=0)
+    batch = {k: np.asarray([it[k] for it in items], dtype=object) for k in items[0]}
+    chunks = decode_batch(batch, (32,))
+    assert inspect.isgenerator(chunks)  # nothing decoded yet
+    sizes, ids = [], []
+    for chunk in chunks:
+        sizes.append(len(chunk["frame_id"]))
+        assert chunk["pixels_32"].shape == (sizes[-1], 32, 32, 3)
+        assert len(chunk["decode_node"]) == sizes[-1]
+        ids.extend(chunk["frame_id"])
+    # The chunks fill up across videos, in order, every frame once.
+    assert sizes == [DECODE_CHUNK_FRAMES, DECODE_CHUNK_FRAMES, 11]
+    assert ids == [f"long/{i}" for i in range(n)] + [f"short/{i}" for i in range(5)]
 
 
 def test_whole_frame_is_resized_not_cropped(tmp_path):

@@ -12,6 +12,7 @@ import csv
 import json
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,31 +51,41 @@ class EmbedResult:
     decode_nodes: Counter = field(default_factory=Counter)  # node id -> frames decoded there
 
 
-def decode_batch(batch: dict, sizes: tuple[int, ...]) -> dict:
-    """Ray Data batch function: source items in, frame rows out (one item may give many rows)."""
+# Frames leave a decode task in chunks of this many as they are decoded: a long video streams
+# into the embedders and onto disk instead of arriving whole at the end of its task, and no task
+# holds a whole video in memory.
+DECODE_CHUNK_FRAMES = 32
+
+
+def decode_batch(batch: dict, sizes: tuple[int, ...]) -> Iterator[dict]:
+    """Ray Data batch function: source items in, frame rows out (one item may give many rows),
+    yielded in chunks of at most ``DECODE_CHUNK_FRAMES``."""
+    import ray
+
+    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
     keys = list(batch)
-    rows = []
+    rows: list[dict] = []
     for i in range(len(batch[keys[0]])):
         item = {k: (batch[k][i].item() if hasattr(batch[k][i], "item") else batch[k][i])
                 for k in keys}
-        rows.extend(decode_item(item, sizes))
-    out = _columns(rows, sizes)
-    import ray
+        for row in decode_item(item, sizes):
+            rows.append(row)
+            if len(rows) == DECODE_CHUNK_FRAMES:
+                yield _columns(rows, sizes, node)
+                rows = []
+    if rows:
+        yield _columns(rows, sizes, node)
 
-    out["decode_node"] = np.full(len(out["frame_id"]), ray.get_runtime_context().get_node_id(),
-                                 dtype=object)
-    return out
 
-
-def _columns(rows: list[dict], sizes: tuple[int, ...]) -> dict:
+def _columns(rows: list[dict], sizes: tuple[int, ...], node: str) -> dict:
+    """Column arrays of a non-empty list of frame rows."""
     out = {}
     for key in (*ID_COLUMNS, "error", "source"):
         values = [r[key] for r in rows]
-        out[key] = np.asarray(values, dtype=object if isinstance(values[0], str) else None) \
-            if values else np.asarray([], dtype=object)
+        out[key] = np.asarray(values, dtype=object if isinstance(values[0], str) else None)
     for size in sizes:
-        key = f"pixels_{size}"
-        out[key] = np.stack([r[key] for r in rows]) if rows else np.zeros((0, size, size, 3), np.uint8)
+        out[f"pixels_{size}"] = np.stack([r[f"pixels_{size}"] for r in rows])
+    out["decode_node"] = np.full(len(rows), node, dtype=object)
     return out
 
 
@@ -132,7 +143,11 @@ def build_dataset(items: list[dict], choices: list[BackboneChoice], batch_size: 
     # CPU tasks decode while the accelerator embeds; and the actors, however many backbones, never
     # hold every CPU, which would leave no room for decoding and stall the stream. Tasks and actors
     # are spread over the nodes by Ray Data's default strategy (SPREAD).
-    ds = ds.map_batches(decode_batch, fn_kwargs={"sizes": sizes}, batch_size=8,
+    # Decoding takes 8 images at a time, or one video: a video is many frames already, and
+    # Ray Data then does not bundle the one-video input blocks of a short list into one task,
+    # so the videos are decoded in parallel over the nodes.
+    items_per_batch = 1 if any(it["kind"] == "video" for it in items) else 8
+    ds = ds.map_batches(decode_batch, fn_kwargs={"sizes": sizes}, batch_size=items_per_batch,
                         batch_format="numpy", num_cpus=0.25)
     nodes = max(1, sum(1 for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU")))
     for i, choice in enumerate(choices):
