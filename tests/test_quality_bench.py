@@ -39,6 +39,10 @@ def test_quality_bench_writes_a_reportable_run(embedded, model, scene, tmp_path,
         "tiny", "tiny, motion lag 2", "tiny, motion lag 4", "tiny coreset 0.5"}
     assert summary["coreset"] and all(-1 <= r["delta"] <= 1 for r in summary["coreset"])
     assert summary["best"] in options
+    # The report's option is chosen on the calibration clips, not on the evaluated ones.
+    assert summary["chosen"] in options
+    assert summary["chosen"].endswith("[chosen on calibration clips]")
+    assert "Chosen on the calibration clips: " + summary["chosen"] in (out / "quality.md").read_text()
     assert (out / "quality.md").read_text().count("|") > 50
     assert vitad(["report", str(out)]) == 0
     assert (out / "report" / "index.html").exists() and (out / "report" / "roc.png").exists()

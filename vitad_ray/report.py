@@ -153,11 +153,26 @@ def _cell(value) -> str:
     return html.escape(str(value))
 
 
+def highlighted(summary: dict) -> str:
+    """The option the report stands behind: the one chosen on the calibration clips; runs from
+    before that choice was recorded have only the best on the evaluated clips."""
+    return summary.get("chosen") or summary["best"]
+
+
+def picked_text(summary: dict) -> str:
+    best = f"<b>{html.escape(summary['best'])}</b>"
+    if not summary.get("chosen"):
+        return f"Best option on the evaluated clips (highlighted; picked in hindsight): {best}."
+    return (f"Chosen on the calibration clips alone (highlighted): "
+            f"<b>{html.escape(summary['chosen'])}</b>. Best on the evaluated clips, picked in "
+            f"hindsight: {best}.")
+
+
 def metrics_table(summary: dict) -> str:
     head = "".join(f"<th>{html.escape(t)}</th>" for _, t in TABLE_COLUMNS)
     body = []
     for r in summary["table"]:
-        cls = ' class="best"' if r["option"] == summary.get("best") else ""
+        cls = ' class="best"' if r["option"] == highlighted(summary) else ""
         cells = "".join(f"<td>{_cell(r.get(k, float('nan')))}</td>" for k, _ in TABLE_COLUMNS)
         body.append(f"<tr{cls}><th scope=row>{html.escape(r['option'])}</th>{cells}</tr>")
     return (f'<table id="metrics"><thead><tr><th>configuration</th>{head}</tr></thead>'
@@ -189,14 +204,15 @@ def build_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None =
     out = Path(out_dir) if out_dir else run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     evaluated = frames["clip"].isin(summary["evaluated_clips"]).to_numpy()
-    best = summary["best"]
-    best_row = next(r for r in summary["table"] if r["option"] == best)
+    option = highlighted(summary)
+    row = next(r for r in summary["table"] if r["option"] == option)
     curves = plot_curves(frames, summary, evaluated, out)
-    timeline = plot_timelines(frames, summary, best, best_row["threshold"], out)
+    timeline = plot_timelines(frames, summary, option, row["threshold"], out)
     map_option = None
     if maps is not None and summary.get("patch_map_options"):
         with_maps = [r for r in summary["table"] if r["option"] in summary["patch_map_options"]]
-        map_option = max(with_maps, key=lambda r: np.nan_to_num(r["auroc"], nan=-1))["option"]
+        map_option = option if option in summary["patch_map_options"] else max(
+            with_maps, key=lambda r: np.nan_to_num(r["auroc"], nan=-1))["option"]
     heatmaps = plot_heatmaps(frames, summary, maps, map_option, out) if map_option else []
     figures = "".join(f'<figure><img src="{n}" alt="{k} anomalous frame heatmap">'
                       f"<figcaption>{k} anomalous</figcaption></figure>" for k, n in heatmaps)
@@ -205,7 +221,7 @@ def build_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None =
 <h1>Detection quality</h1>
 <p>Thresholds calibrated on held-out test clips {html.escape(', '.join(summary['calibration_clips']))};
 metrics on the evaluated clips {html.escape(', '.join(summary['evaluated_clips']))}.
-Best option (highlighted): <b>{html.escape(best)}</b>.</p>
+{picked_text(summary)}</p>
 <h2>Frame-level results (Table II/III layout)</h2>
 {metrics_table(summary)}
 <h2>Feature sets</h2>{small_table(summary.get('features', []), 'features')}
@@ -214,7 +230,7 @@ Best option (highlighted): <b>{html.escape(best)}</b>.</p>
 <div class="grid">{''.join(f'<figure><img src="{n}" alt="{n[:-4]} curves"></figure>' for n in curves)}</div>
 <h2>Scores over time, ground truth shaded</h2>
 <img src="{timeline}" alt="per-clip score timelines">
-<h2>Where: patch heatmaps ({html.escape(map_option or 'none')})</h2>
+<h2 id="heatmaps">Where: patch heatmaps ({html.escape(map_option or 'none')})</h2>
 <div class="grid">{figures}</div>
 <p><small>Command: <code>{html.escape(summary.get('command', ''))}</code></small></p>
 </body></html>"""
