@@ -12,6 +12,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
+from .ports import free_port  # noqa: E402
 from .tiny_scene import FRAMES, TEST_CLIPS, TRAIN_CLIPS  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -21,20 +22,15 @@ DINOV2_S = SHARED / "models" / "dinov2-small-imgfocus"
 @pytest.fixture(scope="session")
 def ray_local():
     """A real local Ray cluster (2 CPUs) for the whole session, running Serve's direct ingress."""
-    import socket
-
     import ray
 
     from vitad_ray.runtime import direct_ingress_env, environment, init_ray
 
     temp = tempfile.mkdtemp(prefix="vitad-ray-")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        direct_port = s.getsockname()[1]
     if not ray.is_initialized():
         # With Serve's direct ingress on, as `vitad serve --direct-port` runs it: the endpoint
         # tests call both the proxy and the ingress replica.
-        with environment(direct_ingress_env(direct_port)):
+        with environment(direct_ingress_env(free_port())):
             ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp, log_to_driver=False,
                      logging_level="WARNING")
     init_ray()  # applies the project's Ray Data settings to this session

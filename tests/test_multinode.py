@@ -14,6 +14,7 @@ import pytest
 from vitad_ray.embeddings import load_embeddings
 
 from .model_equality import assert_same_model
+from .ports import free_port
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[1]
@@ -85,7 +86,7 @@ def test_jobs_run_on_both_nodes_and_match_a_one_node_run(two_nodes, small_refere
     assert_same_model(multi, ref["model"], ("global", "patch-000", "patch-255"))
 
     # The serve-deploy job puts the endpoint on the cluster; it outlives the job.
-    port = _free_port()
+    port = free_port()
     _submit(two_nodes["dashboard"], "serve-deploy",
             [str(multi), "--port", str(port), "--embed-batch", "4"])
     frame = next((ref["root"] / "scene" / "test").rglob("*.png")).read_bytes()
@@ -96,14 +97,6 @@ def test_jobs_run_on_both_nodes_and_match_a_one_node_run(two_nodes, small_refere
         answer = r.json()["results"][0]
         assert 0 <= answer["global"]["confidence"] <= 1
         assert len(answer["local"]["grid"]) == 16
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _nodes(address: str) -> list[dict]:

@@ -16,6 +16,7 @@ from vitad_ray.normality import local_density
 from vitad_ray.score import ModelScorer, read_scores, score_embeddings
 from vitad_ray.store import ScopeStore, scope_names
 
+from .ports import free_port
 from .tiny_scene import FRAMES, TEST_CLIPS, TRAIN_CLIPS
 
 pytestmark = pytest.mark.integration
@@ -195,9 +196,7 @@ def chroma_server(tmp_path):
     import time
     from pathlib import Path
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     exe = Path(sys.executable).with_name("chroma")
     proc = subprocess.Popen([str(exe), "run", "--host", "127.0.0.1", "--port", str(port),
                              "--path", str(tmp_path / "chroma-server")],

@@ -15,16 +15,12 @@ from vitad_ray.frames import items_from_manifest
 from vitad_ray.modeldir import read_model_json
 from vitad_ray.score import read_scores
 
+from .ports import free_port
+
 pytestmark = pytest.mark.integration
 TOKEN = "test-token-123"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 MAX_IMAGES, MAX_IMAGE_BYTES = 4, 200_000
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +41,7 @@ def served(model, ray_local, offline_scores):
     from vitad_ray.serve import ServeConfig, start
 
     # 40 ms batch wait: concurrent requests in the tests must meet in one batch.
-    cfg = ServeConfig(model_dir=str(model["dir"]), shards=2, port=_free_port(), token=TOKEN,
+    cfg = ServeConfig(model_dir=str(model["dir"]), shards=2, port=free_port(), token=TOKEN,
                       embed_batch=8, shard_batch=16, batch_wait_ms=40, embed_threads=1,
                       max_images=MAX_IMAGES, max_image_bytes=MAX_IMAGE_BYTES,
                       request_timeout_s=30)
