@@ -39,6 +39,7 @@ def ray_local():
 
 
 # --- one tiny fitted model for the whole session: generated scene -> embed -> fit (2 shards) ----
+# It is also the one-node reference the multi-node and killed-fit tests compare their runs with.
 
 
 @pytest.fixture(scope="session")
@@ -55,7 +56,8 @@ def scene(tmp_path_factory):
         csv.writer(fh).writerow(["test", "01", 999, 1, "test/broken.jpg"])
     items = items_from_videos([paths["train_videos"]], "train", label=0, fps=0) + \
         items_from_manifest(paths["test_manifest"])
-    return {"root": root, "items": items, "manifest": paths["test_manifest"]}
+    return {"root": root, "items": items, "manifest": paths["test_manifest"],
+            "train_videos": paths["train_videos"]}
 
 
 @pytest.fixture(scope="session")
@@ -76,27 +78,3 @@ def model(embedded, tmp_path_factory):
     cfg = FitConfig(n_shards=2)
     result = fit_model(embedded["out"] / "tiny-dinov2", model_dir, cfg, show_progress=False)
     return {"dir": model_dir, "result": result, "cfg": cfg}
-
-
-# --- a second small scene, embedded and fitted once: the reference the multi-node and killed-fit
-# tests compare their runs with (each of those runs starts clusters of its own) ----------------
-
-
-@pytest.fixture(scope="session")
-def small_reference(ray_local, tmp_path_factory):
-    """Four 16-frame training clips of tiny-dinov2 embeddings and their k-Means-only model, both
-    made on the session cluster."""
-    from vitad_ray.embed import BackboneChoice, run_embedding
-    from vitad_ray.fit import FitConfig, fit_model
-    from vitad_ray.frames import items_from_videos
-    from vitad_ray.synthetic import SceneConfig, generate_scene
-
-    root = tmp_path_factory.mktemp("small")
-    scene = generate_scene(root / "scene", SceneConfig(train_clips=4, test_clips=1,
-                                                       frames_per_clip=16, seed=2))
-    run_embedding(items_from_videos([scene["train_videos"]], "train", label=0, fps=0),
-                  [BackboneChoice("tiny-dinov2")], root / "emb", show_progress=False)
-    fit_model(root / "emb" / "tiny-dinov2", root / "model", FitConfig(hdbscan=False),
-              show_progress=False)
-    return {"root": root, "scene": scene, "emb": root / "emb" / "tiny-dinov2",
-            "model": root / "model"}

@@ -27,10 +27,8 @@ def _env(ray_tmp: str) -> dict:
     return env
 
 
-def _fit(emb: Path, out: Path, ray_tmp: str) -> subprocess.CompletedProcess:
-    return subprocess.run([VITAD, "fit", str(emb), "--out", str(out), "--no-hdbscan",
-                           "--num-cpus", "2"], env=_env(ray_tmp), capture_output=True, text=True,
-                          timeout=600)
+def _fit_args(emb: Path, out: Path, shards: int) -> list[str]:
+    return [VITAD, "fit", str(emb), "--out", str(out), "--shards", str(shards), "--num-cpus", "2"]
 
 
 def _kill_all(ray_tmp: str) -> None:
@@ -39,30 +37,30 @@ def _kill_all(ray_tmp: str) -> None:
     time.sleep(1)
 
 
-def test_killed_fit_resumes_without_redoing_scopes(small_reference, tmp_path):
-    embeddings = small_reference["emb"]
+def test_killed_fit_resumes_without_redoing_scopes(embedded, model, tmp_path):
+    """The session model's fit (2 shards, HDBSCAN too), killed and resumed."""
+    out = tmp_path / "model"
+    args = _fit_args(embedded["out"] / "tiny-dinov2", out, model["cfg"].n_shards)
     ray_tmp = tempfile.mkdtemp(prefix="vfault-")
-    model = tmp_path / "model"
-    proc = subprocess.Popen([VITAD, "fit", str(embeddings), "--out", str(model), "--no-hdbscan",
-                             "--num-cpus", "2"], env=_env(ray_tmp), start_new_session=True,
+    proc = subprocess.Popen(args, env=_env(ray_tmp), start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while time.time() < deadline and len(list((model / "scopes").glob("*.json"))) < 40:
+    while time.time() < deadline and len(list((out / "scopes").glob("*.json"))) < 40:
         assert proc.poll() is None, "the fit ended before it could be interrupted"
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     _kill_all(ray_tmp)  # the local cluster it started, workers and writer actors included
-    done_before = len(list((model / "scopes").glob("*.json")))
+    done_before = len(list((out / "scopes").glob("*.json")))
     assert 40 <= done_before < 257
-    assert not (model / "model.json").exists()
+    assert not (out / "model.json").exists()
 
-    resumed = _fit(embeddings, model, ray_tmp)
+    resumed = subprocess.run(args, env=_env(ray_tmp), capture_output=True, text=True, timeout=600)
     _kill_all(ray_tmp)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"fitted {257 - done_before} scopes ({done_before} already done)" in resumed.stdout
     # The same as a fit that was never interrupted.
-    assert_same_model(model, small_reference["model"], scope_names(256))
-    markers = [json.loads(p.read_text()) for p in (model / "scopes").glob("*.json")]
+    assert_same_model(out, model["dir"], scope_names(256))
+    markers = [json.loads(p.read_text()) for p in (out / "scopes").glob("*.json")]
     assert len(markers) == 257
     shutil.rmtree(ray_tmp, ignore_errors=True)
