@@ -1,11 +1,14 @@
 import csv
 import inspect
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from vitad_ray.embed import DECODE_CHUNK_FRAMES, decode_batch
+from vitad_ray.embed import DECODE_CHUNK_FRAMES, _VideoTally, decode_batch, still_to_embed
+from vitad_ray.embeddings import EmbeddingWriter
 from vitad_ray.frames import (decode_item, items_from_frame_folder, items_from_manifest,
                               items_from_videos, sample_video, split_clips)
 from vitad_ray.synthetic import write_video
@@ -46,15 +49,79 @@ def test_a_long_video_leaves_decoding_in_chunks(tmp_path):
     batch = {k: np.asarray([it[k] for it in items], dtype=object) for k in items[0]}
     chunks = decode_batch(batch, (32,))
     assert inspect.isgenerator(chunks)  # nothing decoded yet
-    sizes, ids = [], []
+    sizes, ids, counts = [], [], []
     for chunk in chunks:
         sizes.append(len(chunk["frame_id"]))
         assert chunk["pixels_32"].shape == (sizes[-1], 32, 32, 3)
         assert len(chunk["decode_node"]) == sizes[-1]
         ids.extend(chunk["frame_id"])
+        counts.extend(chunk["source_rows"])
     # The chunks fill up across videos, in order, every frame once.
     assert sizes == [DECODE_CHUNK_FRAMES, DECODE_CHUNK_FRAMES, 11]
     assert ids == [f"long/{i}" for i in range(n)] + [f"short/{i}" for i in range(5)]
+    # Each video's last row carries its number of rows.
+    assert [(i, c) for i, c in enumerate(counts) if c] == [(n - 1, n), (n + 4, 5)]
+
+
+def _video_items(folder):
+    """Two videos, a (6 frames) and b (4), as items sampling every frame."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, n in (("a", 6), ("b", 4)):
+        write_video(folder / f"{name}.mp4", _frames(n, 32, 32), fps=10.0)
+    return items_from_videos([folder], split="train", fps=0)
+
+
+def _rows_of(items):
+    batch = {k: np.asarray([it[k] for it in items], dtype=object) for k in items[0]}
+    return [row for chunk in decode_batch(batch, (16,)) for row in
+            (dict(zip(chunk, values)) for values in zip(*chunk.values()))]
+
+
+def _as_batch(rows):
+    return {k: np.asarray([r[k] for r in rows], dtype=object) for k in rows[0]}
+
+
+def test_a_video_is_recorded_whole_once_all_its_frames_arrived(tmp_path):
+    items = _video_items(tmp_path)
+    rows = _rows_of(items)
+    a = [r for r in rows if r["clip"] == "a"]
+    b = [r for r in rows if r["clip"] == "b"]
+    tally = _VideoTally(items)
+    # Out of order, with a retried block repeating frames: a is whole only with its last frame
+    # id, however many rows came before.
+    assert tally.add(_as_batch(a[-1:] + a[:2] + b[:3])) == []
+    assert tally.add(_as_batch(a[:4])) == []
+    whole = tally.add(_as_batch(a[4:5] + b[3:]))
+    assert sorted((Path(p).name, rec["frames"]) for p, rec in whole) == [("a.mp4", 6), ("b.mp4", 4)]
+    assert tally.add(_as_batch(a)) == []  # recorded once
+    # A video with an undecodable part is never recorded whole.
+    tally = _VideoTally(items)
+    broken = [dict(r, error="video after frame 2: bad") if r["frame_index"] == 3 else r for r in a]
+    assert tally.add(_as_batch(broken)) == []
+
+
+def test_a_rerun_skips_finished_videos_unless_the_file_or_the_rate_changed(tmp_path):
+    items = _video_items(tmp_path / "videos")
+    writers = [EmbeddingWriter(tmp_path / "emb" / name) for name in ("x", "y")]
+    tally = _VideoTally(items)
+    for source, record in tally.add(_as_batch(_rows_of(items))):
+        for writer in writers:
+            writer.mark_video_finished(source, record)
+    todo, present = still_to_embed(items, writers, [set(), set()])
+    assert todo == [] and present == 10
+    # Reopened folders read the records back.
+    reopened = [EmbeddingWriter(w.out_dir) for w in writers]
+    assert still_to_embed(items, reopened, [set(), set()]) == ([], 10)
+    # Another sampling rate is other frames.
+    at_5fps = items_from_videos([tmp_path / "videos"], split="train", fps=5.0)
+    assert len(still_to_embed(at_5fps, reopened, [set(), set()])[0]) == 2
+    # A rewritten file is decoded again.
+    path = Path(items[0]["path"])
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1_000_000_000))
+    assert still_to_embed(items, reopened, [set(), set()]) == ([items[0]], 4)
+    # A backbone folder without the record (a backbone added later) needs the video too.
+    fresh = EmbeddingWriter(tmp_path / "emb" / "z")
+    assert len(still_to_embed(items, [reopened[1], fresh], [set(), set()])[0]) == 2
 
 
 def test_whole_frame_is_resized_not_cropped(tmp_path):

@@ -40,10 +40,16 @@ def test_embedding_writes_every_frame_once_and_reports_the_broken_one(embedded, 
         emb = load_embeddings(folder, splits=["train"])
         assert emb.local.shape == (n_train, 256, 32)
         assert sorted(emb.ids["clip"].unique()) == [f"walk{i:02d}" for i in range(TRAIN_CLIPS)]
-    # Re-running is a resume: nothing is embedded twice.
-    again = run_embedding(scene["items"], embedded["choices"], embedded["out"], batch_size=16,
+        # Every training video is recorded whole (4 of them, FRAMES frames each).
+        videos = json.loads((folder / "_videos.json").read_text())
+        assert sorted(v["frames"] for v in videos.values()) == [FRAMES] * TRAIN_CLIPS
+    # Re-running is a resume: nothing is embedded twice, and nothing is even decoded again
+    # (the unreadable frame, never written, would be tried again: it is left out here).
+    readable = [it for it in scene["items"] if it["frame_index"] != 999]
+    again = run_embedding(readable, embedded["choices"], embedded["out"], batch_size=16,
                           show_progress=False)
-    assert again.written == 0 and again.already_present == n_test
+    assert again.written == 0 and again.already_present == n_train + n_test
+    assert not again.decode_nodes and not again.errors
     assert pq.read_table(embedded["out"] / "tiny-dinov2").num_rows == n_train + n_test
 
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from .backbones import create_backbone, get_spec, weights_fingerprint
 from .embeddings import EmbeddingWriter, write_metadata
-from .frames import ID_COLUMNS, decode_item
+from .frames import ID_COLUMNS, decode_item, video_fingerprint
 from .progress import Progress
 from .versions import package_versions
 
@@ -59,7 +59,10 @@ DECODE_CHUNK_FRAMES = 32
 
 def decode_batch(batch: dict, sizes: tuple[int, ...]) -> Iterator[dict]:
     """Ray Data batch function: source items in, frame rows out (one item may give many rows),
-    yielded in chunks of at most ``DECODE_CHUNK_FRAMES``."""
+    yielded in chunks of at most ``DECODE_CHUNK_FRAMES``.
+
+    ``source_rows`` is 0 on every row but an item's last, where it is the number of rows the
+    item gave: the driver knows a video is whole once it holds that many of its frames."""
     import ray
 
     node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
@@ -68,7 +71,7 @@ def decode_batch(batch: dict, sizes: tuple[int, ...]) -> Iterator[dict]:
     for i in range(len(batch[keys[0]])):
         item = {k: (batch[k][i].item() if hasattr(batch[k][i], "item") else batch[k][i])
                 for k in keys}
-        for row in decode_item(item, sizes):
+        for row in _last_counts(decode_item(item, sizes)):
             rows.append(row)
             if len(rows) == DECODE_CHUNK_FRAMES:
                 yield _columns(rows, sizes, node)
@@ -77,10 +80,23 @@ def decode_batch(batch: dict, sizes: tuple[int, ...]) -> Iterator[dict]:
         yield _columns(rows, sizes, node)
 
 
+def _last_counts(rows: Iterator[dict]) -> Iterator[dict]:
+    """The rows with ``source_rows`` set: 0, and on the last one the number of rows."""
+    count, held = 0, None
+    for row in rows:
+        if held is not None:
+            yield held
+        row["source_rows"] = 0
+        held, count = row, count + 1
+    if held is not None:
+        held["source_rows"] = count
+        yield held
+
+
 def _columns(rows: list[dict], sizes: tuple[int, ...], node: str) -> dict:
     """Column arrays of a non-empty list of frame rows."""
     out = {}
-    for key in (*ID_COLUMNS, "error", "source"):
+    for key in (*ID_COLUMNS, "error", "source", "source_rows"):
         values = [r[key] for r in rows]
         out[key] = np.asarray(values, dtype=object if isinstance(values[0], str) else None)
     for size in sizes:
@@ -175,14 +191,12 @@ def run_embedding(items: list[dict], choices: list[BackboneChoice], out_root: st
     """Embed every item with every backbone; resumes by skipping frames already written."""
     out_root = Path(out_root)
     writers = {c.name: EmbeddingWriter(out_root / c.name) for c in choices}
-    done = set.intersection(*(w.existing_frame_ids() for w in writers.values()))
     result = EmbedResult(out_dirs={c.name: out_root / c.name for c in choices})
-    # Image items know their frame id in advance; video frames are deduplicated as they arrive.
-    todo = [it for it in items
-            if it["kind"] != "image" or f"{it['clip']}/{it['frame_index']}" not in done]
-    result.already_present = len(items) - len(todo) if done else 0
-    start = time.perf_counter()
     written_ids = {name: w.existing_frame_ids() for name, w in writers.items()}
+    todo, result.already_present = still_to_embed(items, list(writers.values()),
+                                                  list(written_ids.values()))
+    videos = _VideoTally(todo)
+    start = time.perf_counter()
     metadata_written: set[str] = set()
     progress = Progress("embed", total=sum(it["kind"] == "image" for it in todo) or None,
                         enabled=show_progress)
@@ -213,12 +227,72 @@ def run_embedding(items: list[dict], choices: list[BackboneChoice], out_root: st
                 result.nodes.update(batch[f"emb.{choice.name}.node"][keep])
             result.written += len(new_frames)
             result.decode_nodes.update(batch["decode_node"])
+            for source, record in videos.add(batch):
+                for writer in writers.values():
+                    writer.mark_video_finished(source, record)
             progress.update(len(bad), f"{len(result.errors)} skipped")
     progress.close()
     _write_errors(out_root / ERRORS_FILE, result.errors)
     result.seconds = time.perf_counter() - start
     _write_run_log(out_root, result)
     return result
+
+
+def still_to_embed(items: list[dict], writers: list[EmbeddingWriter], written_ids: list[set]
+                   ) -> tuple[list[dict], int]:
+    """(items some backbone still lacks, frames every backbone holds already).
+
+    An image is done when every folder holds its frame id; a video when every folder records it
+    finished with the file's current size, mtime and the same sampling rate. Other videos are
+    decoded again and the frames already written are dropped as they arrive."""
+    done = set.intersection(*written_ids)
+    todo, present = [], 0
+    for it in items:
+        if it["kind"] == "image":
+            if f"{it['clip']}/{it['frame_index']}" in done:
+                present += 1
+                continue
+        else:
+            fp = video_fingerprint(it)
+            records = [w.finished_videos.get(fp["path"]) if fp else None for w in writers]
+            if all(r is not None and {k: r.get(k) for k in fp} == fp for r in records):
+                present += records[0]["frames"]
+                continue
+        todo.append(it)
+    return todo, present
+
+
+class _VideoTally:
+    """The distinct frames of each video seen so far. A video is whole when the count its last
+    row carries is reached (retried blocks repeat frames, so ids are counted, not rows); one with
+    an undecodable part is never recorded finished, and is decoded (and reported) again."""
+
+    def __init__(self, items: list[dict]):
+        self.fingerprints = {it["path"]: video_fingerprint(it) for it in items
+                             if it["kind"] == "video"}
+        self.seen: dict[str, set] = {}
+        self.total: dict[str, int] = {}
+        self.failed: set[str] = set()
+
+    def add(self, batch: dict) -> list[tuple[str, dict]]:
+        """(resolved path, record) of the videos this batch completed."""
+        touched = set()
+        for source, fid, error, rows in zip(batch["source"], batch["frame_id"], batch["error"],
+                                            batch["source_rows"]):
+            if self.fingerprints.get(source) is None:
+                continue
+            touched.add(source)
+            self.seen.setdefault(source, set()).add(fid)
+            if error:
+                self.failed.add(source)
+            if rows:
+                self.total[source] = int(rows)
+        whole = []
+        for source in touched - self.failed:
+            if len(self.seen[source]) == self.total.get(source, -1):
+                fp = self.fingerprints.pop(source)  # recorded once
+                whole.append((fp["path"], dict(fp, frames=self.total[source])))
+        return whole
 
 
 def _metadata(choice: BackboneChoice, global_: np.ndarray, local: np.ndarray) -> dict:

@@ -21,6 +21,9 @@ from .frames import ID_COLUMNS
 # A leading "_" (and "." for unfinished parts) keeps pyarrow's dataset discovery from reading
 # these files as data: `pq.read_table(folder)` sees the parts only.
 METADATA_FILE = "_metadata.json"
+# Videos whose every frame is in the parts, with the file's size, mtime and sampling rate: a
+# re-run skips them without decoding them again.
+VIDEOS_FILE = "_videos.json"
 
 
 def _fixed_list(values: np.ndarray) -> pa.Array:
@@ -56,6 +59,9 @@ class EmbeddingWriter:
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._next_part = len(list(self.out_dir.glob("part-*.parquet")))
+        videos = self.out_dir / VIDEOS_FILE
+        self.finished_videos: dict[str, dict] = json.loads(videos.read_text()) \
+            if videos.exists() else {}
 
     def existing_frame_ids(self) -> set[str]:
         parts = sorted(self.out_dir.glob("part-*.parquet"))
@@ -73,6 +79,16 @@ class EmbeddingWriter:
         os.replace(tmp, path)  # a crash never leaves half a part behind
         self._next_part += 1
         return path
+
+
+    def mark_video_finished(self, source: str, record: dict) -> None:
+        """Records that every frame of video ``source`` is written (``record``: the file's
+        fingerprint and its number of frames). Call only after the parts holding them."""
+        self.finished_videos[source] = record
+        path = self.out_dir / VIDEOS_FILE
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(self.finished_videos, indent=1, sort_keys=True))
+        os.replace(tmp, path)
 
 
 def write_metadata(out_dir: str | os.PathLike, metadata: dict) -> None:

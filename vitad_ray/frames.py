@@ -95,6 +95,18 @@ def items_from_videos(paths: Iterable[str | os.PathLike], split: str = "", label
     return items
 
 
+def video_fingerprint(item: dict) -> dict | None:
+    """What identifies a video item's frames: the file's resolved path, size and mtime, and the
+    sampling rate (None when the file cannot be read)."""
+    try:
+        path = Path(item["path"]).resolve()
+        stat = path.stat()
+    except OSError:
+        return None
+    return {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+            "fps": float(item["fps"])}
+
+
 def sample_video(path: str, fps: float | None) -> Iterator[tuple[int, float, np.ndarray]]:
     """Yield (source frame number, timestamp in s, RGB frame) sampled at ``fps`` (None: all)."""
     import av
