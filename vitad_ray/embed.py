@@ -291,6 +291,7 @@ class _VideoTally:
         for source in touched - self.failed:
             if len(self.seen[source]) == self.total.get(source, -1):
                 fp = self.fingerprints.pop(source)  # recorded once
+                del self.seen[source]
                 whole.append((fp["path"], dict(fp, frames=self.total[source])))
         return whole
 
