@@ -78,3 +78,17 @@ def model(embedded, tmp_path_factory):
     cfg = FitConfig(n_shards=2)
     result = fit_model(embedded["out"] / "tiny-dinov2", model_dir, cfg, show_progress=False)
     return {"dir": model_dir, "result": result, "cfg": cfg}
+
+
+@pytest.fixture(scope="session")
+def scored(model, embedded, tmp_path_factory):
+    """`vitad score` (exact path) of the test split, as a user runs it: the table the pipeline
+    test checks and the serve tests compare the endpoint's answers with."""
+    from vitad_ray.cli import main
+    from vitad_ray.score import read_scores
+
+    out = tmp_path_factory.mktemp("scores") / "scores.parquet"
+    assert main(["score", str(model["dir"]), str(embedded["out"] / "tiny-dinov2"),
+                 "--out", str(out), "--split", "test", "--index", "exact"]) == 0
+    df, arrays = read_scores(out)
+    return {"path": out, "df": df, "arrays": arrays}

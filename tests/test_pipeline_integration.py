@@ -138,13 +138,8 @@ def test_projected_search_scorer_answers_as_the_full_search(model, embedded):
     assert pruned.projected_.certified_ > 0
 
 
-def test_scores_table_and_anomalies_score_higher(model, embedded, tmp_path):
-    from vitad_ray.cli import main
-
-    out = tmp_path / "scores.parquet"
-    assert main(["score", str(model["dir"]), str(embedded["out"] / "tiny-dinov2"),
-                 "--out", str(out), "--split", "test"]) == 0
-    df, arrays = read_scores(out)
+def test_scores_table_and_anomalies_score_higher(model, embedded, scored):
+    df, arrays = read_scores(scored["path"])
     n_test = TEST_CLIPS * FRAMES
     assert len(df) == n_test and arrays["local_kmeans"].shape == (n_test, 256)
     for col in ("global_kmeans", "global_hdbscan", "local_kmeans_anomalous",

@@ -13,7 +13,6 @@ import pytest
 
 from vitad_ray.frames import items_from_manifest
 from vitad_ray.modeldir import read_model_json
-from vitad_ray.score import read_scores
 
 from .ports import free_port
 
@@ -24,14 +23,9 @@ MAX_IMAGES, MAX_IMAGE_BYTES = 4, 200_000
 
 
 @pytest.fixture(scope="module")
-def offline_scores(model, embedded, tmp_path_factory):
-    """`vitad score` (exact path) of the test split, computed before Serve holds the CPUs."""
-    from vitad_ray.cli import main
-
-    out = tmp_path_factory.mktemp("offline") / "scores.parquet"
-    assert main(["score", str(model["dir"]), str(embedded["out"] / "tiny-dinov2"),
-                 "--out", str(out), "--split", "test", "--index", "exact"]) == 0
-    return read_scores(out)
+def offline_scores(scored):
+    """`vitad score` of the test split (the session's, made before Serve holds the CPUs)."""
+    return scored["df"], scored["arrays"]
 
 
 @pytest.fixture(scope="module")
