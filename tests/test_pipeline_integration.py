@@ -108,11 +108,16 @@ def test_fit_resumes_without_redoing_finished_scopes(model, embedded):
                   show_progress=False)
 
 
-def test_chroma_and_exact_paths_agree(model, embedded):
+@pytest.fixture(scope="module")
+def exact_scorer(model):
+    """The session model's in-memory scorer (exact path, k-Means and HDBSCAN), loaded once."""
+    return ModelScorer(model["dir"], index="exact")
+
+
+def test_chroma_and_exact_paths_agree(model, embedded, exact_scorer):
     emb = load_embeddings(embedded["out"] / "tiny-dinov2", splits=["test"])
-    exact = ModelScorer(model["dir"], index="exact")
     hnsw = ModelScorer(model["dir"], index="chroma")
-    a = exact.score(emb.global_, emb.local)
+    a = exact_scorer.score(emb.global_, emb.local)
     b = hnsw.score(emb.global_, emb.local)
     same_nn = np.isclose(a["kmeans_d"], b["kmeans_d"], rtol=1e-4, atol=1e-5)
     assert same_nn.mean() > 0.99
@@ -125,20 +130,19 @@ def test_chroma_and_exact_paths_agree(model, embedded):
     np.testing.assert_allclose(a["kmeans_d"][0], brute.min(axis=1), rtol=1e-5)
 
 
-def test_projected_search_scorer_answers_as_the_full_search(model, embedded):
+def test_projected_search_scorer_answers_as_the_full_search(model, embedded, exact_scorer):
     emb = load_embeddings(embedded["out"] / "tiny-dinov2", splits=["test"])
-    full = ModelScorer(model["dir"], index="exact")
     pruned = ModelScorer(model["dir"], index="exact", projected=True)
     assert pruned.projected_ is not None
     for i in range(0, len(emb), max(1, len(emb) // 6)):  # lone frames: the projected path
-        a = full.score(emb.global_[i:i + 1], emb.local[i:i + 1], ("kmeans",))
+        a = exact_scorer.score(emb.global_[i:i + 1], emb.local[i:i + 1], ("kmeans",))
         b = pruned.score(emb.global_[i:i + 1], emb.local[i:i + 1], ("kmeans",))
         for key in ("kmeans", "kmeans_d"):
             np.testing.assert_array_equal(a[key], b[key])
     assert pruned.projected_.certified_ > 0
 
 
-def test_scores_table_and_anomalies_score_higher(model, embedded, scored):
+def test_scores_table_and_anomalies_score_higher(model, embedded, scored, exact_scorer):
     df, arrays = read_scores(scored["path"])
     n_test = TEST_CLIPS * FRAMES
     assert len(df) == n_test and arrays["local_kmeans"].shape == (n_test, 256)
@@ -160,7 +164,7 @@ def test_scores_table_and_anomalies_score_higher(model, embedded, scored):
     assert auroc(y, df["global_kmeans_ratio"].to_numpy()) > 0.8
     # The Ray Data path equals the in-process scorer.
     emb = load_embeddings(embedded["out"] / "tiny-dinov2", splits=["test"])
-    direct = ModelScorer(model["dir"]).score(emb.global_, emb.local)
+    direct = exact_scorer.score(emb.global_, emb.local)
     np.testing.assert_allclose(arrays["local_kmeans"], direct["kmeans"][1:].T, atol=1e-6)
 
 
@@ -218,7 +222,8 @@ def chroma_server(tmp_path):
     proc.wait(timeout=30)
 
 
-def test_fit_and_score_through_a_chroma_server(embedded, model, chroma_server, tmp_path):
+def test_fit_and_score_through_a_chroma_server(embedded, model, chroma_server, exact_scorer,
+                                               tmp_path):
     cfg = FitConfig(n_shards=2, chroma_url=chroma_server, hdbscan=False)
     res = fit_model(embedded["out"] / "tiny-dinov2", tmp_path / "m", cfg, show_progress=False)
     assert res.fitted == 257
@@ -226,9 +231,8 @@ def test_fit_and_score_through_a_chroma_server(embedded, model, chroma_server, t
     assert all(s["location"] == chroma_server for s in doc["shards"])
     emb = load_embeddings(embedded["out"] / "tiny-dinov2", splits=["test"])
     over_http = ModelScorer(tmp_path / "m", index="chroma", hdbscan=False)
-    embedded_store = ModelScorer(model["dir"], index="exact", hdbscan=False)
     a = over_http.score(emb.global_, emb.local, methods=("kmeans",))
-    b = embedded_store.score(emb.global_, emb.local, methods=("kmeans",))
+    b = exact_scorer.score(emb.global_, emb.local, methods=("kmeans",))
     same = np.isclose(a["kmeans_d"], b["kmeans_d"], rtol=1e-4, atol=1e-5)
     assert same.mean() > 0.99
     # Equal distances to different (near-duplicate) vectors may carry different loc_dens.
