@@ -7,10 +7,21 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vitad_ray.embed import DECODE_CHUNK_FRAMES, _VideoTally, decode_batch, still_to_embed
+from vitad_ray.embed import (
+    DECODE_CHUNK_FRAMES,
+    _VideoTally,
+    decode_batch,
+    still_to_embed,
+)
 from vitad_ray.embeddings import EmbeddingWriter
-from vitad_ray.frames import (decode_item, items_from_frame_folder, items_from_manifest,
-                              items_from_videos, sample_video, split_clips)
+from vitad_ray.frames import (
+    decode_item,
+    items_from_frame_folder,
+    items_from_manifest,
+    items_from_videos,
+    sample_video,
+    split_clips,
+)
 from vitad_ray.synthetic import write_video
 
 
@@ -37,6 +48,11 @@ def test_video_sampled_at_requested_fps(tmp_path):
     assert rows[0]["pixels_224"].shape == (224, 224, 3) and not rows[0]["error"]
 
 
+def _as_batch(rows):
+    """Ray Data's numpy batch of a list of items or rows."""
+    return {k: np.asarray([r[k] for r in rows], dtype=object) for k in rows[0]}
+
+
 def test_a_long_video_leaves_decoding_in_chunks(tmp_path):
     """Decode tasks stream: a video's frames come out in chunks as they are decoded, not as one
     block at the end of the file."""
@@ -46,8 +62,7 @@ def test_a_long_video_leaves_decoding_in_chunks(tmp_path):
     write_video(tmp_path / "short.mp4", [np.pad(f, ((0, 16), (0, 0), (0, 0))) for f in _frames(5)],
                 fps=10.0)
     items = items_from_videos([tmp_path], split="train", fps=0)
-    batch = {k: np.asarray([it[k] for it in items], dtype=object) for k in items[0]}
-    chunks = decode_batch(batch, (32,))
+    chunks = decode_batch(_as_batch(items), (32,))
     assert inspect.isgenerator(chunks)  # nothing decoded yet
     sizes, ids, counts = [], [], []
     for chunk in chunks:
@@ -72,13 +87,8 @@ def _video_items(folder):
 
 
 def _rows_of(items):
-    batch = {k: np.asarray([it[k] for it in items], dtype=object) for k in items[0]}
-    return [row for chunk in decode_batch(batch, (16,)) for row in
+    return [row for chunk in decode_batch(_as_batch(items), (16,)) for row in
             (dict(zip(chunk, values)) for values in zip(*chunk.values()))]
-
-
-def _as_batch(rows):
-    return {k: np.asarray([r[k] for r in rows], dtype=object) for k in rows[0]}
 
 
 def test_a_video_is_recorded_whole_once_all_its_frames_arrived(tmp_path):

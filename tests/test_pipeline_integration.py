@@ -13,7 +13,7 @@ from vitad_ray.fit import FitConfig, fit_model
 from vitad_ray.metrics import auroc
 from vitad_ray.modeldir import read_model_json, scope_marker
 from vitad_ray.normality import local_density
-from vitad_ray.score import ModelScorer, read_scores, score_embeddings
+from vitad_ray.score import ModelScorer, score_embeddings
 from vitad_ray.store import ScopeStore, scope_names
 
 from .ports import free_port
@@ -143,7 +143,7 @@ def test_projected_search_scorer_answers_as_the_full_search(model, embedded, exa
 
 
 def test_scores_table_and_anomalies_score_higher(model, embedded, scored, exact_scorer):
-    df, arrays = read_scores(scored["path"])
+    df, arrays = scored["df"], scored["arrays"]
     n_test = TEST_CLIPS * FRAMES
     assert len(df) == n_test and arrays["local_kmeans"].shape == (n_test, 256)
     for col in ("global_kmeans", "global_hdbscan", "local_kmeans_anomalous",
