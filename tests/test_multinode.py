@@ -1,6 +1,7 @@
-"""Two raylets on 127.0.0.1 (cluster/local): jobs submitted through the Job API, work on both
-nodes, and the same model as a one-node run; then (fault test a) the worker node lost during an
-embedding. One cluster serves both tests, in this order: the second kills its worker node."""
+"""Two raylets on 127.0.0.1 (cluster/local), jobs submitted through the Job API: a fit on both
+nodes equal to the one-node run and an endpoint deployed from it; then (fault test a) an embedding
+job that loses the worker node midway. One cluster serves both tests, in this order: the second
+kills its worker node."""
 
 import json
 import os
@@ -20,11 +21,11 @@ from vitad_ray.synthetic import SceneConfig, generate_scene
 
 from .model_equality import assert_same_model
 from .ports import free_port
-from .tiny_scene import FRAMES, TRAIN_CLIPS
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+SIZE = 672  # the node-loss embedding's input size
 
 
 def _env() -> dict:
@@ -62,37 +63,17 @@ def _submit(dashboard: str, step: str, args: list[str]) -> str:
     return out.stdout
 
 
-def test_jobs_run_on_both_nodes_and_match_a_one_node_run(two_nodes, scene, embedded, model,
-                                                         tmp_path):
-    """The session's tiny scene, embedded and fitted again as jobs on two nodes, against the
-    session cluster's embeddings and model."""
-    emb = tmp_path / "emb"
-    logs = _submit(two_nodes["dashboard"], "embed",
-                   ["--videos", str(scene["train_videos"]), "--split", "train", "--fps", "0",
-                    "--backbone", "tiny-dinov2", "--batch-size", "4", "--out", str(emb)])
-    n_train = TRAIN_CLIPS * FRAMES
-    assert f"{n_train} frames embedded" in logs
-    alive = {n["NodeID"] for n in _nodes(two_nodes["address"])}
-    run = json.loads((emb / "embed_run.json").read_text())
-    # Ray Data may give a job this small to the embedder actor that is ready first, so the
-    # recorded nodes are checked as real cluster nodes covering every frame; the fit below must
-    # use both nodes.
-    for key in ("decode_nodes", "nodes"):
-        assert set(run[key]) <= alive and sum(run[key].values()) == n_train
-    # The same frames embedded on the one-node session cluster give the same vectors.
-    reference = embedded["out"] / "tiny-dinov2"
-    a, b = load_embeddings(emb / "tiny-dinov2"), load_embeddings(reference, splits=["train"])
-    order_a, order_b = np.argsort(a.ids["frame_id"].to_numpy()), \
-        np.argsort(b.ids["frame_id"].to_numpy())
-    np.testing.assert_array_equal(a.ids["frame_id"].to_numpy()[order_a],
-                                  b.ids["frame_id"].to_numpy()[order_b])
-    np.testing.assert_allclose(a.local[order_a], b.local[order_b], atol=1e-5)
-    np.testing.assert_allclose(a.global_[order_a], b.global_[order_b], atol=1e-5)
-    # The fit of those embeddings on two nodes, with the session model's settings (2 shards,
-    # HDBSCAN too), equals the one-node fit.
+def test_fit_and_serve_jobs_run_on_both_nodes_and_match_a_one_node_run(two_nodes, scene, embedded,
+                                                                       model, tmp_path):
+    """The session's tiny embeddings fitted again as a job on two nodes, against the session
+    cluster's model; then the serve-deploy job puts that model behind the endpoint."""
+    alive = {n["node_id"] for n in _nodes(two_nodes["dashboard"])}
+    assert len(alive) == 2
+    # The fit with the session model's settings (2 shards, HDBSCAN too) equals the one-node fit.
     multi = tmp_path / "model-2nodes"
     logs = _submit(two_nodes["dashboard"], "fit",
-                   [str(reference), "--out", str(multi), "--shards", str(model["cfg"].n_shards)])
+                   [str(embedded["out"] / "tiny-dinov2"), "--out", str(multi), "--shards",
+                    str(model["cfg"].n_shards)])
     assert "on 2 node(s)" in logs
     nodes = {json.loads(p.read_text())["node_id"] for p in (multi / "scopes").glob("*.json")}
     assert nodes == alive
@@ -114,9 +95,10 @@ def test_jobs_run_on_both_nodes_and_match_a_one_node_run(two_nodes, scene, embed
 
 
 def _serve_shutdown(dashboard: str) -> None:
-    """Removes the endpoint and its replicas (1.75 of the cluster's 2 CPUs) from the cluster."""
-    subprocess.run([str(BIN / "serve"), "shutdown", "--address", dashboard, "--yes"], env=_env(),
-                   check=True, capture_output=True, timeout=120)
+    """Removes the endpoint and its replicas (1.75 of the cluster's 2 CPUs) from the cluster,
+    through the dashboard's Serve REST API; no effect when Serve is not running."""
+    r = httpx.delete(f"{dashboard}/api/serve/applications/", timeout=120)
+    assert r.status_code == 200, r.text
 
 
 def _rows(out: Path) -> list[str]:
@@ -134,39 +116,67 @@ def _worker_raylet(state: Path) -> int:
     return int(out[0])
 
 
-def test_worker_node_killed_during_embedding_loses_and_duplicates_nothing(two_nodes, tmp_path):
+def test_embed_job_loses_its_worker_node_and_loses_or_duplicates_nothing(two_nodes, tmp_path):
+    """`vitad submit embed` on two nodes; the worker node is killed while frames are still
+    coming. Every frame is written exactly once, and its vectors are the backbone's."""
     _serve_shutdown(two_nodes["dashboard"])  # idempotent; the test above may have stopped early
+    alive = {n["node_id"] for n in _nodes(two_nodes["dashboard"])}
     scene = generate_scene(tmp_path / "scene", SceneConfig(train_clips=6, test_clips=1,
                                                            frames_per_clip=24, seed=4))
     out = tmp_path / "emb"
     # 672-pixel inputs (2,304 patches): the first 24-frame chunk is written while five more are
-    # still to come, so the node dies mid-stream.
-    embed = subprocess.Popen(
-        [str(BIN / "vitad"), "embed", "--videos", str(scene["train_videos"]), "--split",
-         "train", "--fps", "0", "--backbone", "tiny-dinov2", "--image-size", "672",
-         "--batch-size", "4", "--out", str(out), "--address", two_nodes["address"]],
+    # still to come, so the node dies mid-stream. The job's driver runs on the head node.
+    submit = subprocess.Popen(
+        [str(BIN / "vitad"), "submit", "embed", "--dashboard", two_nodes["dashboard"],
+         "--working-dir", str(REPO), "--", "--videos", str(scene["train_videos"]), "--split",
+         "train", "--fps", "0", "--backbone", "tiny-dinov2", "--image-size", str(SIZE),
+         "--batch-size", "4", "--out", str(out)],
         env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     emb_dir = out / "tiny-dinov2"
     deadline = time.time() + 300
-    while not _rows(emb_dir) and time.time() < deadline and embed.poll() is None:
+    while not _rows(emb_dir) and time.time() < deadline and submit.poll() is None:
         time.sleep(0.2)
     written_before = len(_rows(emb_dir))
     os.kill(_worker_raylet(two_nodes["state"]), signal.SIGKILL)
-    logs, _ = embed.communicate(timeout=600)
-    assert embed.returncode == 0, logs[-3000:]
+    logs, _ = submit.communicate(timeout=600)
+    assert submit.returncode == 0 and "SUCCEEDED" in logs, logs[-3000:]
     assert 0 < written_before < 144, "the node must die while frames are still coming"
+    assert "144 frames embedded" in logs
     ids = _rows(emb_dir)
     assert len(ids) == len(set(ids)) == 144  # every frame, exactly once
     expected = {f"walk{c:02d}/{i}" for c in range(6) for i in range(24)}
     assert set(ids) == expected
     run = json.loads((out / "embed_run.json").read_text())
     assert run["written"] == 144 and run["errors"] == 0
+    for key in ("decode_nodes", "nodes"):
+        assert set(run[key]) <= alive, key
+    # The vectors written on either node are the plain backbone's in this process.
+    _assert_vectors_are_the_backbones(scene["train_videos"], emb_dir, clip="walk00", frames=[0, 23])
 
 
-def _nodes(address: str) -> list[dict]:
-    """Alive nodes of the cluster, asked from a separate driver process."""
-    code = ("import json, ray; ray.init(address=%r, logging_level='ERROR'); "
-            "print(json.dumps([n for n in ray.nodes() if n['Alive']], default=str))" % address)
-    out = subprocess.run([sys.executable, "-c", code], env=_env(), check=True,
-                         capture_output=True, text=True, timeout=120).stdout
-    return json.loads(out.strip().splitlines()[-1])
+def _assert_vectors_are_the_backbones(videos: Path, emb_dir: Path, clip: str, frames: list[int]):
+    from vitad_ray.backbones import create_backbone
+    from vitad_ray.embed import decode_batch
+    from vitad_ray.frames import items_from_videos
+
+    item = next(it for it in items_from_videos([videos], "train", label=0, fps=0)
+                if it["clip"] == clip)
+    decoded = {}
+    for chunk in decode_batch({k: np.asarray([v]) for k, v in item.items()}, (SIZE,)):
+        for fid, pixels in zip(chunk["frame_id"], chunk[f"pixels_{SIZE}"]):
+            decoded[fid] = pixels
+    wanted = [f"{clip}/{i}" for i in frames]
+    global_, local = create_backbone("tiny-dinov2", image_size=SIZE).embed(
+        np.stack([decoded[f] for f in wanted]))
+    emb = load_embeddings(emb_dir)
+    at = {fid: i for i, fid in enumerate(emb.ids["frame_id"])}
+    rows = [at[f] for f in wanted]
+    np.testing.assert_allclose(emb.global_[rows], global_, atol=1e-5)
+    np.testing.assert_allclose(emb.local[rows], local, atol=1e-5)
+
+
+def _nodes(dashboard: str) -> list[dict]:
+    """Alive nodes of the cluster, from the dashboard's state API."""
+    r = httpx.get(f"{dashboard}/api/v0/nodes", params={"limit": 100}, timeout=30)
+    r.raise_for_status()
+    return [n for n in r.json()["data"]["result"]["result"] if n["state"] == "ALIVE"]

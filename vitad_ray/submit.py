@@ -41,7 +41,7 @@ def submit_step(dashboard: str, step: str, args: list[str], working_dir: str = "
     shown = 0
     deadline = time.time() + timeout_s
     while wait and status not in _FINAL and time.time() < deadline:
-        time.sleep(2)
+        time.sleep(0.5)  # two status and log calls to the dashboard: logs show up as written
         status = str(client.get_job_status(job).value)
         logs = client.get_job_logs(job)
         if len(logs) > shown:
