@@ -56,8 +56,7 @@ def scene(tmp_path_factory):
         csv.writer(fh).writerow(["test", "01", 999, 1, "test/broken.jpg"])
     items = items_from_videos([paths["train_videos"]], "train", label=0, fps=0) + \
         items_from_manifest(paths["test_manifest"])
-    return {"root": root, "items": items, "manifest": paths["test_manifest"],
-            "train_videos": paths["train_videos"]}
+    return {"root": root, "items": items, "manifest": paths["test_manifest"]}
 
 
 @pytest.fixture(scope="session")
