@@ -80,7 +80,6 @@ class EmbeddingWriter:
         self._next_part += 1
         return path
 
-
     def mark_video_finished(self, source: str, record: dict) -> None:
         """Records that every frame of video ``source`` is written (``record``: the file's
         fingerprint and its number of frames). Call only after the parts holding them."""

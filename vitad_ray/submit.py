@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shlex
 import time
@@ -12,6 +13,22 @@ STEPS = ("embed", "fit", "score", "evaluate", "serve-deploy")
 def entry_point(step: str) -> str:
     return f"jobs/{step.replace('-', '_')}.py"
 _FINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+async def _follow_logs(client, job: str, echo, timeout_s: float) -> str:
+    """The job's log, echoed as the dashboard streams it, until the job ends (or the timeout)."""
+    chunks: list[str] = []
+
+    async def tail():
+        async for chunk in client.tail_job_logs(job):
+            chunks.append(chunk)
+            echo(chunk.rstrip("\n"))
+
+    try:
+        await asyncio.wait_for(tail(), timeout_s)
+    except TimeoutError:
+        pass
+    return "".join(chunks)
 
 
 def submit_step(dashboard: str, step: str, args: list[str], working_dir: str = ".",
@@ -37,18 +54,14 @@ def submit_step(dashboard: str, step: str, args: list[str], working_dir: str = "
     job = client.submit_job(entrypoint=shlex.join(["python", entry_point(step), *args]),
                             runtime_env={"working_dir": working_dir, "env_vars": env})
     echo(f"submitted {job} to {dashboard}: vitad {step} {shlex.join(args)}")
-    status = str(client.get_job_status(job).value)
-    shown = 0
     deadline = time.time() + timeout_s
-    while wait and status not in _FINAL and time.time() < deadline:
-        time.sleep(0.5)  # two status and log calls to the dashboard: logs show up as written
+    if wait:
+        logs = asyncio.run(_follow_logs(client, job, echo, timeout_s))
         status = str(client.get_job_status(job).value)
-        logs = client.get_job_logs(job)
-        if len(logs) > shown:
-            echo(logs[shown:].rstrip("\n"))
-            shown = len(logs)
-    logs = client.get_job_logs(job)
-    if len(logs) > shown:
-        echo(logs[shown:].rstrip("\n"))
+        while status not in _FINAL and time.time() < deadline:  # the log ends just before
+            time.sleep(0.2)
+            status = str(client.get_job_status(job).value)
+    else:
+        status, logs = str(client.get_job_status(job).value), client.get_job_logs(job)
     echo(f"job {job}: {status}")
     return job, status, logs
