@@ -1,5 +1,6 @@
 """A fit killed midway (SIGKILL to the driver and its local Ray cluster) resumes: the re-run fits
-only the unfinished scopes and the model equals a clean run's."""
+only the unfinished scopes and the model equals a clean run's. Both runs start their local
+cluster as `vitad` does for a user, with Ray's token auth on."""
 
 import json
 import os
@@ -21,9 +22,12 @@ pytestmark = pytest.mark.integration
 VITAD = str(Path(sys.executable).with_name("vitad"))
 
 
-def _env(ray_tmp: str) -> dict:
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1", RAY_TMPDIR=ray_tmp)
+def _env(ray_tmp: str, home: Path) -> dict:
+    """`vitad fit` as a user runs it: its local cluster keeps Ray's token auth (the session's
+    clusters run without), with the token Ray makes in a home of the test's own."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", RAY_TMPDIR=ray_tmp, HOME=str(home))
     env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_AUTH_MODE", None)
     return env
 
 
@@ -33,7 +37,7 @@ def _fit_args(emb: Path, out: Path, shards: int) -> list[str]:
 
 def _kill_all(ray_tmp: str) -> None:
     """Ends every process of the clusters started under this test's own RAY_TMPDIR."""
-    subprocess.run(["pkill", "-KILL", "-f", ray_tmp])
+    subprocess.run(["pkill", "-KILL", "-f", ray_tmp], check=False)  # none left: exit 1
     time.sleep(1)
 
 
@@ -42,7 +46,9 @@ def test_killed_fit_resumes_without_redoing_scopes(embedded, model, tmp_path):
     out = tmp_path / "model"
     args = _fit_args(embedded["out"] / "tiny-dinov2", out, model["cfg"].n_shards)
     ray_tmp = tempfile.mkdtemp(prefix="vfault-")
-    proc = subprocess.Popen(args, env=_env(ray_tmp), start_new_session=True,
+    home = tmp_path / "home"
+    home.mkdir()
+    proc = subprocess.Popen(args, env=_env(ray_tmp, home), start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and len(list((out / "scopes").glob("*.json"))) < 40:
@@ -55,9 +61,13 @@ def test_killed_fit_resumes_without_redoing_scopes(embedded, model, tmp_path):
     assert 40 <= done_before < 257
     assert not (out / "model.json").exists()
 
-    resumed = subprocess.run(args, env=_env(ray_tmp), capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(args, env=_env(ray_tmp, home), capture_output=True, text=True,
+                             timeout=600, check=False)
     _kill_all(ray_tmp)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    # Both clusters ran with token auth: Ray made the token at the first start and kept it.
+    assert len((home / ".ray" / "auth_token").read_text().strip()) >= 32
+    assert "Token authentication is enabled" in resumed.stderr
     assert f"fitted {257 - done_before} scopes ({done_before} already done)" in resumed.stdout
     # The same as a fit that was never interrupted.
     assert_same_model(out, model["dir"], scope_names(256))

@@ -28,36 +28,48 @@ BIN = Path(sys.executable).parent
 SIZE = 672  # the node-loss embedding's input size
 
 
-def _env() -> dict:
+@pytest.fixture(scope="module")
+def home(tmp_path_factory) -> Path:
+    """The home of every process of the cluster and its clients: Ray keeps its token there."""
+    return tmp_path_factory.mktemp("home")
+
+
+def _env(home: Path) -> dict:
+    """start.sh's cluster runs Ray's token auth, as it does for a user; its clients carry the
+    token Ray made in ``home``."""
     env = dict(os.environ)
     env["PATH"] = f"{BIN}:{env.get('PATH', '')}"
-    env["RAY_AUTH_MODE"] = "disabled"
+    env["RAY_AUTH_MODE"] = "token"
+    env["HOME"] = str(home)
     env["HF_HUB_OFFLINE"] = "1"
     env.pop("RAY_ADDRESS", None)
     return env
 
 
 @pytest.fixture(scope="module")
-def two_nodes(tmp_path_factory):
+def two_nodes(tmp_path_factory, home):
     state = tmp_path_factory.mktemp("cluster")
     # Health checks every second instead of Ray's 3 s: the node the second test kills is declared
     # dead (and its work redone elsewhere) about 7 s sooner.
-    env = dict(_env(), RAY_BIN=str(BIN / "ray"), RAY_health_check_period_ms="1000")
+    env = dict(_env(home), RAY_BIN=str(BIN / "ray"), RAY_health_check_period_ms="1000")
+    env.pop("RAY_AUTH_MODE")  # start.sh's default
     subprocess.run(["bash", str(REPO / "cluster/local/start.sh"), "1", str(state)], env=env,
                    check=True, capture_output=True, timeout=180)
+    token = (home / ".ray" / "auth_token").read_text().strip()
     try:
         yield {"address": (state / "address").read_text().strip(),
-               "dashboard": (state / "dashboard").read_text().strip(), "state": state}
+               "dashboard": (state / "dashboard").read_text().strip(), "state": state,
+               "env": _env(home), "auth": {"Authorization": f"Bearer {token}"}}
     finally:
         subprocess.run(["bash", str(REPO / "cluster/local/stop.sh"), str(state)], env=env,
-                       timeout=120)
+                       timeout=120, check=False)
 
 
-def _submit(dashboard: str, step: str, args: list[str]) -> str:
+def _submit(cluster: dict, step: str, args: list[str]) -> str:
     """`vitad submit` as a user runs it: a separate process, real Job API, logs streamed back."""
-    out = subprocess.run([str(BIN / "vitad"), "submit", step, "--dashboard", dashboard,
-                          "--working-dir", str(REPO), "--", *args], env=_env(), cwd=REPO,
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run([str(BIN / "vitad"), "submit", step, "--dashboard", cluster["dashboard"],
+                          "--working-dir", str(REPO), "--", *args], env=cluster["env"], cwd=REPO,
+                         capture_output=True, text=True, timeout=600, check=False)
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     assert "SUCCEEDED" in out.stdout
     return out.stdout
@@ -67,11 +79,14 @@ def test_fit_and_serve_jobs_run_on_both_nodes_and_match_a_one_node_run(two_nodes
                                                                        model, tmp_path):
     """The session's tiny embeddings fitted again as a job on two nodes, against the session
     cluster's model; then the serve-deploy job puts that model behind the endpoint."""
-    alive = {n["node_id"] for n in _nodes(two_nodes["dashboard"])}
+    alive = {n["node_id"] for n in _nodes(two_nodes)}
     assert len(alive) == 2
+    # start.sh's cluster runs Ray's token auth: the dashboard refuses a caller without it.
+    refused = httpx.get(f"{two_nodes['dashboard']}/api/v0/nodes", timeout=30)
+    assert refused.status_code == 401, refused.text
     # The fit with the session model's settings (2 shards, HDBSCAN too) equals the one-node fit.
     multi = tmp_path / "model-2nodes"
-    logs = _submit(two_nodes["dashboard"], "fit",
+    logs = _submit(two_nodes, "fit",
                    [str(embedded["out"] / "tiny-dinov2"), "--out", str(multi), "--shards",
                     str(model["cfg"].n_shards)])
     assert "on 2 node(s)" in logs
@@ -81,7 +96,7 @@ def test_fit_and_serve_jobs_run_on_both_nodes_and_match_a_one_node_run(two_nodes
 
     # The serve-deploy job puts the endpoint on the cluster; it outlives the job.
     port = free_port()
-    _submit(two_nodes["dashboard"], "serve-deploy",
+    _submit(two_nodes, "serve-deploy",
             [str(multi), "--port", str(port), "--embed-batch", "4"])
     frame = next((scene["root"] / "test").rglob("*.png")).read_bytes()
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
@@ -91,13 +106,14 @@ def test_fit_and_serve_jobs_run_on_both_nodes_and_match_a_one_node_run(two_nodes
         answer = r.json()["results"][0]
         assert 0 <= answer["global"]["confidence"] <= 1
         assert len(answer["local"]["grid"]) == 16
-    _serve_shutdown(two_nodes["dashboard"])
+    _serve_shutdown(two_nodes)
 
 
-def _serve_shutdown(dashboard: str) -> None:
+def _serve_shutdown(cluster: dict) -> None:
     """Removes the endpoint and its replicas (1.75 of the cluster's 2 CPUs) from the cluster,
     through the dashboard's Serve REST API; no effect when Serve is not running."""
-    r = httpx.delete(f"{dashboard}/api/serve/applications/", timeout=120)
+    r = httpx.delete(f"{cluster['dashboard']}/api/serve/applications/", headers=cluster["auth"],
+                     timeout=120)
     assert r.status_code == 200, r.text
 
 
@@ -111,7 +127,7 @@ def _worker_raylet(state: Path) -> int:
     """The pid of worker 1's raylet: start.sh gives it node-manager port head port + 101."""
     port = int((state / "port").read_text())
     out = subprocess.run(["pgrep", "-f", f"raylet.*node_manager_port={port + 101}"],
-                         capture_output=True, text=True).stdout.split()
+                         capture_output=True, text=True, check=False).stdout.split()
     assert len(out) == 1, out
     return int(out[0])
 
@@ -119,8 +135,8 @@ def _worker_raylet(state: Path) -> int:
 def test_embed_job_loses_its_worker_node_and_loses_or_duplicates_nothing(two_nodes, tmp_path):
     """`vitad submit embed` on two nodes; the worker node is killed while frames are still
     coming. Every frame is written exactly once, and its vectors are the backbone's."""
-    _serve_shutdown(two_nodes["dashboard"])  # idempotent; the test above may have stopped early
-    alive = {n["node_id"] for n in _nodes(two_nodes["dashboard"])}
+    _serve_shutdown(two_nodes)  # idempotent; the test above may have stopped early
+    alive = {n["node_id"] for n in _nodes(two_nodes)}
     scene = generate_scene(tmp_path / "scene", SceneConfig(train_clips=6, test_clips=1,
                                                            frames_per_clip=24, seed=4))
     out = tmp_path / "emb"
@@ -131,7 +147,8 @@ def test_embed_job_loses_its_worker_node_and_loses_or_duplicates_nothing(two_nod
          "--working-dir", str(REPO), "--", "--videos", str(scene["train_videos"]), "--split",
          "train", "--fps", "0", "--backbone", "tiny-dinov2", "--image-size", str(SIZE),
          "--batch-size", "4", "--out", str(out)],
-        env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        env=two_nodes["env"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True)
     emb_dir = out / "tiny-dinov2"
     deadline = time.time() + 300
     while not _rows(emb_dir) and time.time() < deadline and submit.poll() is None:
@@ -177,8 +194,9 @@ def _assert_vectors_are_the_backbones(videos: Path, emb_dir: Path, frames: tuple
     np.testing.assert_allclose(emb.local[rows], local, atol=1e-5)
 
 
-def _nodes(dashboard: str) -> list[dict]:
+def _nodes(cluster: dict) -> list[dict]:
     """Alive nodes of the cluster, from the dashboard's state API."""
-    r = httpx.get(f"{dashboard}/api/v0/nodes", params={"limit": 100}, timeout=30)
+    r = httpx.get(f"{cluster['dashboard']}/api/v0/nodes", params={"limit": 100},
+                  headers=cluster["auth"], timeout=30)
     r.raise_for_status()
     return [n for n in r.json()["data"]["result"]["result"] if n["state"] == "ALIVE"]

@@ -1,4 +1,4 @@
-"""Connecting to Ray: an existing cluster (address or RAY_ADDRESS) or a local one on 127.0.0.1."""
+"""Connecting to Ray: an existing cluster (address or RAY_ADDRESS) or a local one on this machine."""
 
 from __future__ import annotations
 
@@ -42,10 +42,12 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: boo
              direct_ingress_port: int | None = None):
     """Join ``address`` (or RAY_ADDRESS); otherwise start a local single-node cluster.
 
-    A local cluster started here keeps Ray's usage statistics off and, unless the caller chose an
-    auth mode, runs without token auth: it is reachable from this machine only. With
-    ``direct_ingress_port`` it runs Serve's direct ingress from that port up
-    (``direct_ingress_env``); a cluster joined keeps the settings it was started with.
+    A local cluster started here keeps Ray's usage statistics off and keeps Ray's token auth
+    (on by default for local clusters since Ray 2.59; ``RAY_AUTH_MODE=disabled`` turns it off):
+    Ray's core processes listen on every interface, not on 127.0.0.1 alone, so without the token
+    anyone who reaches this machine could run code on the cluster. With ``direct_ingress_port``
+    it runs Serve's direct ingress from that port up (``direct_ingress_env``); a cluster joined
+    keeps the settings it was started with.
     """
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import logging
@@ -61,7 +63,6 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: boo
     if address:
         ray.init(address=address, **kwargs)
     else:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         env = direct_ingress_env(direct_ingress_port) if direct_ingress_port else {}
         with environment(env):
             ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)

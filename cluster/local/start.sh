@@ -4,9 +4,12 @@
 #   cluster/local/start.sh [WORKERS=1] [CLUSTER_DIR=/tmp/vitad-cluster]
 #
 # Each node gets its own CPU count, memory and object-store share and its own ports; the
-# dashboard (which also serves `ray job submit`) listens on 127.0.0.1 only. Token auth is off (RAY_AUTH_MODE=disabled) unless RAY_AUTH_MODE is set by the
-# caller, in which case every node and every client must share it. Prints the address to use
-# (RAY_ADDRESS) and records what it started in CLUSTER_DIR; stop.sh stops exactly that.
+# dashboard (which also serves `ray job submit`) listens on 127.0.0.1 only. Ray's core processes
+# listen on every interface whatever the node address, so token auth is on (RAY_AUTH_MODE=token):
+# the token is Ray's usual one (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token, made
+# there if there is none), and clients need RAY_AUTH_MODE=token and the same token.
+# RAY_AUTH_MODE=disabled turns it off. Prints the address to use (RAY_ADDRESS) and records what
+# it started in CLUSTER_DIR; stop.sh stops exactly that.
 set -euo pipefail
 workers=${1:-1}
 dir=${2:-/tmp/vitad-cluster}
@@ -15,8 +18,11 @@ mem=${NODE_MEMORY:-2000000000}
 store=${NODE_OBJECT_STORE:-500000000}
 port=${HEAD_PORT:-$((20000 + RANDOM % 20000))}
 ray=${RAY_BIN:-ray}
-export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
+export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}
 export RAY_USAGE_STATS_ENABLED=0
+if [ "$RAY_AUTH_MODE" = token ]; then
+  "$ray" get-auth-token --generate >/dev/null 2>&1  # keeps a token that exists; never prints it
+fi
 mkdir -p "$dir"
 # Ray's socket paths must stay short: the temp dir is a short path recorded beside the state.
 tmp=$(mktemp -d /tmp/vr-XXXXXX)
@@ -44,4 +50,5 @@ done
 echo "127.0.0.1:$port" > "$dir/address"
 echo "http://127.0.0.1:$((port + 8))" > "$dir/dashboard"
 echo "RAY_ADDRESS=127.0.0.1:$port"
+echo "RAY_AUTH_MODE=$RAY_AUTH_MODE"
 echo "jobs: ray job submit --address http://127.0.0.1:$((port + 8)) --working-dir . -- python jobs/<step>.py ..."
