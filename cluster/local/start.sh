@@ -21,7 +21,15 @@ ray=${RAY_BIN:-ray}
 export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}
 export RAY_USAGE_STATS_ENABLED=0
 if [ "$RAY_AUTH_MODE" = token ]; then
-  "$ray" get-auth-token --generate >/dev/null 2>&1  # keeps a token that exists; never prints it
+  default_token="$HOME/.ray/auth_token"
+  made=
+  if [ -z "${RAY_AUTH_TOKEN:-}${RAY_AUTH_TOKEN_PATH:-}" ] && [ ! -e "$default_token" ]; then
+    made=1
+  fi
+  "$ray" get-auth-token --generate >/dev/null  # keeps a token that exists; the token stays off stdout
+  if [ -n "$made" ]; then
+    chmod 600 "$default_token"  # Ray writes it readable by every user of the machine
+  fi
 fi
 mkdir -p "$dir"
 # Ray's socket paths must stay short: the temp dir is a short path recorded beside the state.
