@@ -1,8 +1,7 @@
 """Two raylets on 127.0.0.1 (cluster/local, with Ray's token auth on as start.sh runs it by
-default), jobs submitted through the Job API: a fit on both
-nodes equal to the one-node run and an endpoint deployed from it; then (fault test a) an embedding
-job that loses the worker node midway. One cluster serves both tests, in this order: the second
-kills its worker node."""
+default), jobs submitted through the Job API: a fit on both nodes equal to the one-node run and an
+endpoint deployed from it; then (fault test a) an embedding job that loses the worker node
+midway. One cluster serves both tests, in this order: the second kills its worker node."""
 
 import json
 import os
