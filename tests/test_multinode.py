@@ -28,12 +28,6 @@ BIN = Path(sys.executable).parent
 SIZE = 672  # the node-loss embedding's input size
 
 
-@pytest.fixture(scope="module")
-def home(tmp_path_factory) -> Path:
-    """The home of every process of the cluster and its clients: Ray keeps its token there."""
-    return tmp_path_factory.mktemp("home")
-
-
 def _env(home: Path) -> dict:
     """start.sh's cluster runs Ray's token auth, as it does for a user; its clients carry the
     token Ray made in ``home``."""
@@ -47,8 +41,9 @@ def _env(home: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def two_nodes(tmp_path_factory, home):
+def two_nodes(tmp_path_factory):
     state = tmp_path_factory.mktemp("cluster")
+    home = tmp_path_factory.mktemp("home")  # of the cluster and its clients: Ray's token is there
     # Health checks every second instead of Ray's 3 s: the node the second test kills is declared
     # dead (and its work redone elsewhere) about 7 s sooner.
     env = dict(_env(home), RAY_BIN=str(BIN / "ray"), RAY_health_check_period_ms="1000")

@@ -20,16 +20,11 @@ port=${HEAD_PORT:-$((20000 + RANDOM % 20000))}
 ray=${RAY_BIN:-ray}
 export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}
 export RAY_USAGE_STATS_ENABLED=0
-if [ "$RAY_AUTH_MODE" = token ]; then
-  default_token="$HOME/.ray/auth_token"
-  made=
-  if [ -z "${RAY_AUTH_TOKEN:-}${RAY_AUTH_TOKEN_PATH:-}" ] && [ ! -e "$default_token" ]; then
-    made=1
-  fi
-  "$ray" get-auth-token --generate >/dev/null  # keeps a token that exists; the token stays off stdout
-  if [ -n "$made" ]; then
-    chmod 600 "$default_token"  # Ray writes it readable by every user of the machine
-  fi
+default_token="$HOME/.ray/auth_token"
+if [ "$RAY_AUTH_MODE" = token ] && [ -z "${RAY_AUTH_TOKEN:-}${RAY_AUTH_TOKEN_PATH:-}" ] &&
+   [ ! -e "$default_token" ]; then
+  "$ray" get-auth-token --generate >/dev/null  # the token stays off stdout
+  chmod 600 "$default_token"  # Ray writes it readable by every user of the machine
 fi
 mkdir -p "$dir"
 # Ray's socket paths must stay short: the temp dir is a short path recorded beside the state.
