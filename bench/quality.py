@@ -1,51 +1,59 @@
-"""Detection quality on a labelled scene (Ped2): the paper's rules against the cross-clip options.
+"""Recipes on a labelled scene (Ped2): a sweep through the Detector, chosen on calibration clips.
 
-For each feature set (embeddings folder, optionally `#blocks` of a multi-block embedding) it
-scores every test frame against the training frames, turns the distances into every named
-option, and prints frame AUROC / PR AUC / balanced accuracy (thresholds calibrated on held-out
-test clips), pixel AUROC of the patch maps, and the coreset's cost in AUROC and time. It writes a
-run folder that `vitad report` renders.
+For each feature set (an embeddings folder, optionally ``#block`` of a multi-block one) it fits
+the Detector once with every motion lag the sweep uses, searches every test clip once, then
+scores every recipe of the grid and ranks them by AUROC on the threshold-calibration clips alone
+(the evaluated clips play no part). It prints the top recipes with their metrics on the
+evaluated clips at the calibrated threshold and the label-free threshold's false-alarm rate,
+and writes a run folder that ``vitad report`` renders. With ``--model``, a `vitad fit` model's
+own recipe (the paper's, say) is scored beside them.
 
-    python bench/quality.py --manifest ../shared/data/ucsd_ped2/manifest.csv \
-        --features "S/14 block 12, 224=runs/ped2/embeddings/dinov2-s14" \
-        --model runs/ped2/models/dinov2-s14 --out runs/quality
+    python bench/quality.py --manifest ../shared/data/ucsd_ped2/manifest.csv \\
+        --features "224 block 9=runs/ped2/embeddings/dinov2-s14#9" --out runs/quality
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
+from vitad_ray.detect import Detector, get_recipe
+from vitad_ray.detect.model import load_model
+from vitad_ray.detect.offline import score_frames
+from vitad_ray.detect.sweep import Sweep, choose_on_calibration, recipe_grid
 from vitad_ray.embeddings import load_embeddings, select_layers
+from vitad_ray.evaluate import split_test_clips
 from vitad_ray.frames import clip_key
 from vitad_ray.localize import load_masks, pixel_auroc
-from vitad_ray.motion import patch_motion
-from vitad_ray.quality import (CrossClipScores, appearance_motion_options, chosen_on_calibration,
-                               evaluate_options, frame_options, fused_raw, paper_options,
-                               split_test_clips, write_run)
+from vitad_ray.metrics import auroc, evaluate_scores
+from vitad_ray.runfolder import write_run
 
 MASK_SIZE = (80, 120)  # a third of Ped2's 240 x 360: 19 M pixels over the 2,010 test frames
-
-
-def _picked(title: str, option: str | None, rows: list[dict]) -> str:
-    if option is None:
-        return f"{title}: none"
-    r = next(r for r in rows if r["option"] == option)
-    return (f"{title}: {option} (AUROC {r['auroc']:.3f}, balanced accuracy "
-            f"{r['balanced_accuracy']:.3f})")
+COLUMNS = ["option", "calib_auroc", "auroc", "auroc_all", "pr_auc", "balanced_accuracy",
+           "precision", "recall", "fpr", "label_free_fpr", "pixel_auroc"]
 
 
 def parse_feature(text: str) -> tuple[str, str, tuple[int, ...]]:
     name, _, path = text.partition("=")
     if not path:
-        raise SystemExit(f"--features takes NAME=DIR[#blocks], got {text!r}")
+        raise SystemExit(f"--features takes NAME=DIR[#block], got {text!r}")
     path, _, blocks = path.partition("#")
     return name.strip(), path, tuple(int(b) for b in blocks.split(",") if b)
+
+
+def parse_axis(text: str) -> tuple[str, list]:
+    """``pool=1,3`` -> ("pool", [1, 3]); lags as ``motion_lags=2;4;2+4;none``."""
+    key, _, values = text.partition("=")
+    if key == "motion_lags":
+        return key, [tuple(int(x) for x in v.split("+")) if v != "none" else ()
+                     for v in values.split(";")]
+    cast = {"pool": int, "temporal_window": int, "fusion": str}.get(key, float)
+    return key, [cast(v) for v in values.split(",")]
 
 
 def manifest_frames(manifest: str) -> pd.DataFrame:
@@ -55,196 +63,119 @@ def manifest_frames(manifest: str) -> pd.DataFrame:
     man["clip"] = [clip_key(s, c) for s, c in zip(man["split"], man["clip"])]  # as embedded
     man["image_path"] = [str(root / p) for p in man["path"]]
     man["mask_path"] = [str(root / p) if p else "" for p in man["mask_path"]]
-    return man
+    return man[["split", "clip", "frame_index", "image_path", "mask_path"]]
 
 
-def load_split(path: str, split: str, blocks: tuple[int, ...], man: pd.DataFrame):
-    """One split of a feature set, restricted to the manifest's frames of that split (a
-    subsampled manifest compares feature sets embedded from different samples on one sample)."""
+def load_split(path: str, split: str, blocks: tuple[int, ...]):
     emb = load_embeddings(path, splits=[split])
-    listed = man[man["split"] == split]
-    if len(listed):  # a split the manifest does not list (videos, say) is taken whole
-        keys = set(zip(listed["clip"], listed["frame_index"]))
-        emb = emb.select([k in keys for k in zip(emb.ids["clip"], emb.ids["frame_index"])])
-    if not len(emb):
-        raise SystemExit(f"{path}: no {split} frames of the manifest")
     return select_layers(emb, blocks) if blocks else emb
 
 
-def with_manifest(ids: pd.DataFrame, man: pd.DataFrame) -> pd.DataFrame:
-    merged = ids.merge(man[["split", "clip", "frame_index", "image_path", "mask_path"]],
-                       on=["split", "clip", "frame_index"], how="left", validate="one_to_one")
-    if merged["image_path"].isna().any():
-        raise SystemExit("some embedded frames are not in the manifest")
-    return merged
+def metrics_row(option, s, y, split, threshold, calib_auroc=float("nan")) -> dict:
+    cal = split.is_calib
+    ev = evaluate_scores(option, y[~cal], s[~cal], y_calib=y[cal], s_calib=s[cal])
+    return {"option": option, "calib_auroc": calib_auroc, "auroc": ev.auroc,
+            "auroc_all": auroc(y, s), "pr_auc": ev.pr_auc, "threshold": ev.threshold,
+            "label_free_fpr": float((s[y == 0] >= threshold).mean()),
+            **{k: ev.metrics[k] for k in ("precision", "recall", "fpr", "specificity", "f1",
+                                          "balanced_accuracy")}}
 
 
 def fmt_table(rows: list[dict], columns: list[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
-        lines.append("| " + " | ".join(
-            f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in columns) + " |")
+        lines.append("| " + " | ".join(f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c])
+                                       for c in columns) + " |")
     return "\n".join(lines)
-
-
-def feature_streams(train, test, lags: list[int]):
-    """(label, train, test) of appearance, then of motion per lag, each made when its turn
-    comes: at 448 a pair of splits is 5 GB."""
-    yield "", train, test
-    for lag in lags:
-        yield f", motion lag {lag}", patch_motion(train, lag), patch_motion(test, lag)
-
-
-def calibration_sources(per_stream: list, lags: list[int], fusion_weight: float) -> dict:
-    """The raw-distance sources the calibration clips choose among: appearance, each motion
-    lag, the lags together, appearance with motion."""
-    sources = {"appearance": per_stream[0]}
-    sources.update({f"motion lag {lag}": o for lag, o in zip(lags, per_stream[1:])})
-    if len(lags) > 1:
-        sources[f"motion lags {'+'.join(map(str, lags))}"] = fused_raw(per_stream[1:])
-    if lags:
-        motion = list(sources.values())[-1]
-        sources["appearance+motion"] = fused_raw([per_stream[0], motion],
-                                                 [fusion_weight, 1 - fusion_weight])
-    return sources
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--manifest", required=True)
     p.add_argument("--features", action="append", required=True,
-                   help="NAME=EMBEDDINGS_DIR[#blocks]; the first is the primary feature set")
-    p.add_argument("--model", help="a `vitad fit` model of the primary features: paper rows")
-    p.add_argument("--k", type=lambda t: float(t) if "." in t else int(t), default=10,
-                   help="top-k patches: a count (10), or a share of the grid (0.04)")
-    p.add_argument("--fusion-weight", type=float, default=0.5)
-    p.add_argument("--temporal", default="mean", choices=["none", "mean", "ema"])
-    p.add_argument("--temporal-size", type=float, default=16,
-                   help="causal window (mean) or half-life (ema), in frames")
-    p.add_argument("--motion-lag", type=int, nargs="*", default=[2],
-                   help="add a motion stream per lag: patch change since this many frames "
-                        "earlier (none: no motion); with several, their fusion is a source too")
-    p.add_argument("--coreset", type=float, default=0.25)
+                   help="NAME=EMBEDDINGS_DIR[#block]; the first is the report's")
+    p.add_argument("--recipe", default="default", help="the base recipe (name or YAML)")
+    p.add_argument("--sweep", action="append", default=[],
+                   help="a setting and its values, e.g. pool=1,3 or motion_lags=2;4;2+4;none "
+                        "(default: lags, pooling, top-k and smoothing window)")
+    p.add_argument("--model", help="a `vitad fit` model of the first feature set, scored with "
+                                   "its own recipe beside the sweep")
+    p.add_argument("--top", type=int, default=12, help="recipes shown per feature set")
     p.add_argument("--calib-fraction", type=float, default=1 / 3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
 
-    scores, maps, feature_rows, coreset_rows = {}, {}, [], []
-    picks = []  # (calibration AUROC, option): each feature set's choice on the calibration clips
-    ids = None
+    base = get_recipe(args.recipe).replace(image_size=None, block=None)
+    axes = dict(parse_axis(a) for a in args.sweep) or {
+        "motion_lags": [(), (2,), (4,), (2, 4)], "pool": [1, 3],
+        "top_k": [0.01, 0.02, 0.04, 0.08], "temporal_window": [1, 4, 8]}
+    recipes = recipe_grid(base, **axes)
+    lags = tuple(sorted({lag for r in recipes for lag in r.motion_lags}))
     man = manifest_frames(args.manifest)
-    options_kw = dict(k=args.k, fusion_weight=args.fusion_weight, temporal=args.temporal,
-                      temporal_size=args.temporal_size)
+    scores, maps, rows, features, picks = {}, {}, [], [], []
+    ids = masks = split = None
     for i, text in enumerate(args.features):
         name, path, blocks = parse_feature(text)
         t0 = time.perf_counter()
-        train = load_split(path, "train", blocks, man)
-        test = load_split(path, "test", blocks, man)
+        train = load_split(path, "train", blocks)
+        detector = Detector(base.replace(motion_lags=lags)).fit(train)
+        fit_s = time.perf_counter() - t0
+        del train
+        test = load_split(path, "test", blocks)
         if ids is None:
-            ids = with_manifest(test.ids, man)
-            masks = load_masks(list(ids["mask_path"]), MASK_SIZE)
+            ids = test.ids.merge(man, on=["split", "clip", "frame_index"], how="left")
+            y = ids["label"].to_numpy().astype(int)
             split = split_test_clips(ids, args.calib_fraction, args.seed)
+            masks = load_masks(list(ids["mask_path"].fillna("")), MASK_SIZE)
             if args.model:
-                paper = paper_options(args.model, test)
-                scores.update(paper.scores)
-                maps.update(paper.patch_maps)
+                model = load_model(args.model)
+                order, det = score_frames(model, test.ids, test.global_, test.local)
+                back = np.argsort(order)
+                option = f"[{name}] recipe {model.recipe.name} ({args.model})"
+                scores[option] = det.frame_score[back]
+                maps[option] = det.patch_scores[back]
+                rows.append(metrics_row(option, scores[option], y, split, det.threshold))
         elif not test.ids["frame_id"].reset_index(drop=True).equals(ids["frame_id"]):
             raise SystemExit(f"{path}: test frames differ from the first feature set's")
-        load_s = time.perf_counter() - t0
-        runs = [(None, "")] + ([(args.coreset, f" coreset {args.coreset:g}")]
-                               if i == 0 and args.coreset else [])
-        lags = [lag for lag in args.motion_lag if lag]
-        for coreset, tag in runs:
-            per_stream = []
-            for stream, tr, te in feature_streams(train, test, lags):
-                label = f"{name}{stream}{tag}"
-                cs = CrossClipScores(tr, te, coreset=coreset)
-                opts = frame_options(cs, te.ids, prefix=f"[{label}] ", **options_kw)
-                scores.update(opts.scores)
-                maps.update(opts.patch_maps)
-                per_stream.append(opts)
-                feature_rows.append({"features": label, "dim": int(tr.global_.shape[1]),
-                                     "grid": cs.grid, "memory_MB": cs.memory_bytes / 2**20,
-                                     "fit_s": cs.fit_s, "score_s": cs.score_s, "load_s": load_s})
-                print(f"{label}: fit {cs.fit_s:.1f} s, nearest search of {len(te)} frames "
-                      f"{cs.score_s:.1f} s, memory {cs.memory_bytes / 2**20:.0f} MB", flush=True)
-                del cs, tr, te
-                gc.collect()
-            if coreset is None:
-                chosen, choices = chosen_on_calibration(
-                    calibration_sources(per_stream, lags, args.fusion_weight), test.ids,
-                    ids["label"].to_numpy().astype(int), split, prefix=f"[{name}] ")
-                scores.update(chosen.scores)
-                maps.update(chosen.patch_maps)
-                picks.append((choices[0].calib_auroc, next(iter(chosen.scores))))
-                for c in choices:
-                    print(f"[{name}] chosen on the calibration clips: {c.source}, pool "
-                          f"{c.pool}x{c.pool}, top-{c.k:g}, window {c.window} (calibration "
-                          f"AUROC {c.calib_auroc:.3f})", flush=True)
-            if len(per_stream) > 1:  # appearance with the first lag's motion
-                both = appearance_motion_options(
-                    *per_stream[:2], test.ids, prefix=f"[{name}{tag}] ",
-                    **{k: v for k, v in options_kw.items() if k != "k"})
-                scores.update(both.scores)
-                maps.update(both.patch_maps)
-            del per_stream
-        del train, test
-        gc.collect()
+        t0 = time.perf_counter()
+        sweep = Sweep(detector, test.ids, test.global_, test.local)
+        search_s = time.perf_counter() - t0
+        ranked = choose_on_calibration(sweep, recipes, y, split.is_calib)
+        print(f"[{name}] fit {fit_s:.1f} s, search of {len(test)} frames {search_s:.1f} s, "
+              f"{len(recipes)} recipes", flush=True)
+        appearance = next((r for r in ranked if not r[0].motion_lags), None)
+        keep = ranked[:args.top] + ([appearance] if appearance not in ranked[:args.top] else [])
+        for recipe, calib, det in keep:
+            option = f"[{name}] {recipe.name}"
+            scores[option], maps[option] = det.frame_score, det.patch_scores
+            rows.append(metrics_row(option, det.frame_score, y, split, det.threshold, calib))
+        picks.append((ranked[0][1], f"[{name}] {ranked[0][0].name}"))
+        features.append({"features": name, "dim": int(test.global_.shape[1]),
+                         "grid": int(detector.grid_), "fit_s": fit_s, "search_s": search_s})
+        del sweep, detector, test
 
-    y = ids["label"].to_numpy().astype(int)
-    rows = evaluate_options(scores, y, split)
-    pixel_of, by_array = {}, {}
-    for name, patch in maps.items():  # options sharing one map share its pixel AUROC
-        if id(patch) not in by_array:
-            by_array[id(patch)] = pixel_auroc(patch, masks)
-        pixel_of[name] = by_array[id(patch)]
     for r in rows:
-        r["pixel_auroc"] = pixel_of.get(r["option"], float("nan"))
-    # The option to use is the one chosen on the calibration clips alone; the best on the
-    # evaluated clips is picked in hindsight and reported beside it, as an upper reference.
-    chosen = max(picks)[1] if picks else None
-    best = max((r for r in rows if not r["option"].startswith("paper")),
-               key=lambda r: (r["auroc"], r["balanced_accuracy"]))
-    if args.coreset:
-        primary = parse_feature(args.features[0])[0]
-        tag = f" coreset {args.coreset:g}"
-        mine = [r for r in rows if r["option"].startswith(f"[{primary}")]
-        full = {r["option"]: r for r in mine if tag not in r["option"]}
-        for r in mine:
-            if tag in r["option"]:
-                base = full[r["option"].replace(tag, "", 1)]
-                coreset_rows.append({"option": base["option"], "auroc_full": base["auroc"],
-                                     "auroc_coreset": r["auroc"],
-                                     "delta": r["auroc"] - base["auroc"]})
-
-    cols = ["option", "auroc_all", "auroc", "pr_auc", "balanced_accuracy", "precision", "recall",
-            "fpr", "f1", "pixel_auroc"]
+        r["pixel_auroc"] = pixel_auroc(maps[r["option"]], masks) if masks.any() else float("nan")
+    chosen = max(picks)[1]
+    best = max(rows, key=lambda r: (r["auroc"], r["balanced_accuracy"]))["option"]
     text = "\n\n".join([
-        f"Calibration clips (thresholds): {', '.join(split.calibration_clips)}; evaluated clips: "
-        f"{', '.join(split.evaluated_clips)}. auroc_all: all {len(y)} test frames.",
-        fmt_table(rows, cols),
-        fmt_table(feature_rows, ["features", "dim", "grid", "memory_MB", "fit_s", "score_s"]),
-        fmt_table(coreset_rows, ["option", "auroc_full", "auroc_coreset", "delta"])
-        if coreset_rows else "",
-        _picked("Chosen on the calibration clips", chosen, rows),
-        _picked("Best on the evaluated clips, in hindsight", best["option"], rows),
-    ])
+        f"Calibration clips (recipe choice and thresholds): {', '.join(split.calibration_clips)}"
+        f"; evaluated clips: {', '.join(split.evaluated_clips)}. auroc_all: all {len(y)} test "
+        f"frames; label_free_fpr: the fit's label-free threshold (target "
+        f"{base.target_fpr:g}) on all normal test frames.",
+        fmt_table(rows, COLUMNS),
+        fmt_table(features, ["features", "dim", "grid", "fit_s", "search_s"]),
+        f"Chosen on the calibration clips: {chosen}",
+        f"Best on the evaluated clips, in hindsight: {best}"])
     print(text)
     summary = {"command": " ".join(sys.argv), "calibration_clips": split.calibration_clips,
-               "evaluated_clips": split.evaluated_clips, "table": rows,
-               "features": feature_rows, "coreset": coreset_rows, "chosen": chosen,
-               "best": best["option"], "mask_size": MASK_SIZE}
-    # The report draws heatmaps of the chosen option (else the best one with a patch map); keep
-    # the maps of that grid only (a 448 grid does not stack with a 224 one, and all of them
-    # would be large).
-    with_maps = [r for r in rows if r["option"] in maps]
-    best_map = chosen if chosen in maps else (
-        max(with_maps, key=lambda r: r["auroc"])["option"] if with_maps else None)
-    keep = {n: m for n, m in maps.items()
-            if best_map and m.shape == maps[best_map].shape and
-            (n == best_map or n.startswith("paper"))}
-    out = write_run(args.out, ids, scores, keep, summary)
+               "evaluated_clips": split.evaluated_clips, "table": rows, "features": features,
+               "chosen": chosen, "best": best, "mask_size": MASK_SIZE,
+               "base_recipe": base.to_dict()}
+    grid = maps[chosen].shape
+    keep_maps = {n: m for n, m in maps.items() if m.shape == grid}
+    out = write_run(args.out, ids, scores, keep_maps, summary)
     (out / "quality.md").write_text(text + "\n")
     print(f"run folder: {out}")
     return 0

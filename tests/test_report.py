@@ -1,5 +1,6 @@
-"""The quality path end to end on a scene whose anomalies are known: scores, metrics, the run
-folder, `vitad report`, and the page loaded in a real headless Chromium."""
+"""The report path end to end on a scene whose anomalies are known: a recipe sweep through the
+Detector, metrics, the run folder, `vitad report`, and the page loaded in a real headless
+Chromium."""
 
 import os
 
@@ -9,11 +10,13 @@ import pytest
 from PIL import Image
 
 from vitad_ray.cli import main as vitad
+from vitad_ray.detect import DEFAULT, Detector
+from vitad_ray.detect.sweep import Sweep, choose_on_calibration, recipe_grid
 from vitad_ray.embeddings import Embeddings
+from vitad_ray.evaluate import split_test_clips
 from vitad_ray.localize import pixel_auroc
-from vitad_ray.motion import patch_motion
-from vitad_ray.quality import (CrossClipScores, appearance_motion_options, evaluate_options,
-                               frame_options, read_run, split_test_clips, write_run)
+from vitad_ray.metrics import auroc, evaluate_scores
+from vitad_ray.runfolder import read_run, write_run
 
 from .browser import chromium_available, evaluate_in_page, serve_folder
 
@@ -48,57 +51,63 @@ def scene(tmp_path, split: str, n_clips: int, base: np.ndarray, rng) -> Embeddin
     return Embeddings(pd.DataFrame(rows), local.mean(axis=1), local, {"dim": DIM})
 
 
+BASE = DEFAULT.replace(name="t", image_size=None, block=None, pool=1, motion_lags=(2,),
+                       temporal_window=1)
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("quality")
     rng = np.random.default_rng(0)
     base = rng.normal(0, 1, (GRID * GRID, DIM))  # the scene every clip shows
     train, test = scene(tmp, "train", 4, base, rng), scene(tmp, "test", 3, base, rng)
-    cs = CrossClipScores(train, test)
-    opts = frame_options(cs, test.ids, k=2)
-    motion = frame_options(CrossClipScores(patch_motion(train, 2), patch_motion(test, 2)),
-                           test.ids, k=2, prefix="[motion] ")
-    both = appearance_motion_options(opts, motion, test.ids)
-    for extra in (motion, both):
-        opts.scores.update(extra.scores)
-        opts.patch_maps.update(extra.patch_maps)
+    sweep = Sweep(Detector(BASE).fit(train), test.ids, test.global_, test.local)
+    recipes = recipe_grid(BASE, motion_lags=[(), (2,)], top_k=[2, 8], fusion=["max", "mean"])
     split = split_test_clips(test.ids)
     y = test.ids["label"].to_numpy()
-    rows = evaluate_options(opts.scores, y, split)
+    ranked = choose_on_calibration(sweep, recipes, y, split.is_calib)
     masks = np.stack([np.asarray(Image.open(p)) > 127 for p in test.ids["mask_path"]])
-    pixel = {n: pixel_auroc(m, masks) for n, m in opts.patch_maps.items()}
-    for r in rows:
-        r["pixel_auroc"] = pixel.get(r["option"], float("nan"))
+    rows, scores, maps, evidence = [], {}, {}, {}
+    for recipe, calib, det in ranked:
+        s = det.frame_score
+        ev = evaluate_scores(recipe.name, y[~split.is_calib], s[~split.is_calib],
+                             y_calib=y[split.is_calib], s_calib=s[split.is_calib])
+        rows.append({"option": recipe.name, "calib_auroc": calib, "auroc": ev.auroc,
+                     "auroc_all": auroc(y, s), "threshold": ev.threshold, **ev.metrics,
+                     "pixel_auroc": pixel_auroc(det.patch_scores, masks)})
+        scores[recipe.name], maps[recipe.name] = s, det.patch_scores
+        evidence[recipe.name] = dict(det.evidence, frame_score=det.frame_score)
     best = max(rows, key=lambda r: r["auroc"])["option"]
-    # As bench/quality.py records it: the calibration pick (here one that is not the best on the
-    # evaluated clips, with a patch map) beside the best in hindsight.
-    chosen = next(r["option"] for r in sorted(rows, key=lambda r: r["auroc"])
-                  if r["option"] in opts.patch_maps)
+    # A calibration pick that is not the best on the evaluated clips: the page must highlight
+    # the pick, not the hindsight best.
+    chosen = next(r["option"] for r in sorted(rows, key=lambda r: r["auroc"]))
     assert chosen != best
     summary = {"command": "test", "calibration_clips": split.calibration_clips,
                "evaluated_clips": split.evaluated_clips, "table": rows, "chosen": chosen,
                "best": best}
-    motion_scores = test.ids.assign(score=motion.scores["[motion] local top-2 zscore"])
-    return (write_run(tmp / "run", test.ids, opts.scores, opts.patch_maps, summary), rows, pixel,
-            motion_scores)
+    return write_run(tmp / "run", test.ids, scores, maps, summary), rows, evidence, test.ids
 
 
-def test_cross_clip_options_find_the_known_anomalies(run_dir):
-    _, rows, pixel, _ = run_dir
+def test_the_detector_finds_the_known_anomalies(run_dir):
+    _, rows, evidence, ids = run_dir
     by = {r["option"]: r for r in rows}
-    assert by["local top-2 zscore"]["auroc_all"] > 0.99
-    assert by["local top-2 zscore"]["balanced_accuracy"] > 0.9
-    # Two anomalous patches of 16 never reach the paper's majority vote.
-    assert by["local vote, paper rule, LOO-clip loc_dens"]["auroc_all"] < \
-        by["local top-2 zscore"]["auroc_all"]
-    assert pixel["local top-2 zscore"] > 0.9
+    top2 = by["t [motion_lags=none, top_k=2, fusion=max]"]
+    assert top2["auroc_all"] > 0.99 and top2["balanced_accuracy"] > 0.9
+    assert top2["pixel_auroc"] > 0.9
     # Motion sees the anomaly's onset and end (it is static in between).
-    motion = run_dir[3]
-    for clip in np.unique(motion["clip"]):
-        sel = motion["clip"] == clip
-        peak = motion.loc[sel, "frame_index"].to_numpy()[motion.loc[sel, "score"].argmax()]
+    motion = evidence["t [motion_lags=2, top_k=2, fusion=max]"]["motion"]
+    for clip in np.unique(ids["clip"]):
+        sel = (ids["clip"] == clip).to_numpy()
+        peak = ids["frame_index"].to_numpy()[sel][motion[sel].argmax()]
         assert peak in (8, 9, 15, 16)
-    assert "appearance+motion local zscore + causal mean 16" in by
+    # With motion fused by max, the still anomaly's appearance evidence is kept whole: every
+    # anomalous frame scores at least its appearance evidence, above every normal frame's.
+    y = ids["label"].to_numpy()
+    for fusion in ("max", "mean"):
+        fused = evidence[f"t [motion_lags=2, top_k=2, fusion={fusion}]"]
+        kept = fused["frame_score"][y == 1] >= fused["appearance"][y == 1] - 1e-9
+        assert kept.all() == (fusion == "max")  # a mean with still motion halves it
+    assert fused["appearance"][y == 1].min() > fused["appearance"][y == 0].max()
 
 
 def test_run_folder_round_trips(run_dir):
@@ -106,7 +115,7 @@ def test_run_folder_round_trips(run_dir):
     frames, summary, maps = read_run(out)
     assert len(frames) == 3 * FRAMES and len(summary["options"]) == len(rows)
     assert maps.shape == (len(summary["patch_map_options"]), 3 * FRAMES, GRID * GRID)
-    with pytest.raises(FileNotFoundError, match="not a quality run"):
+    with pytest.raises(FileNotFoundError, match="not a run folder"):
         read_run(out / "nowhere")
 
 

@@ -39,6 +39,9 @@ class BackboneSpec:
     std: tuple[float, float, float] = IMAGENET_STD
     random_config: dict = field(default_factory=dict)  # architecture for random initialisation
     description: str = ""
+    # Transformer blocks of the architecture: a recipe's block, a share of the depth, resolves
+    # against it before any weights are loaded.
+    depth: int = 12
     # Transformer blocks whose tokens are taken (1-based, each through the final norm, as DINOv2's
     # get_intermediate_layers does) and concatenated; () = the last block only. Mid-level blocks
     # carry more local texture than the last, which PatchCore found to matter for anomalies.
@@ -98,14 +101,14 @@ def parse_layers(text: str | None) -> tuple[int, ...]:
 # --- the paper's backbones and their smaller relatives ------------------------------------------
 @register_backbone
 def _vit_h14_in21k() -> BackboneSpec:
-    return BackboneSpec("vit-h14-in21k", "timm-vit", "vit_huge_patch14_224.orig_in21k",
+    return BackboneSpec("vit-h14-in21k", "timm-vit", "vit_huge_patch14_224.orig_in21k", depth=32,
                         mean=INCEPTION_MEAN, std=INCEPTION_STD,
                         description="ViT-H/14 supervised on ImageNet-21k (timm), global = CLS")
 
 
 @register_backbone
 def _dinov2_l14() -> BackboneSpec:
-    return BackboneSpec("dinov2-l14", "dinov2", "facebook/dinov2-large",
+    return BackboneSpec("dinov2-l14", "dinov2", "facebook/dinov2-large", depth=24,
                         description="DINOv2 ViT-L/14, global = CLS")
 
 
@@ -130,36 +133,40 @@ def _dinov2_s14_reg() -> BackboneSpec:
 @register_backbone
 def _ijepa_h14() -> BackboneSpec:
     return BackboneSpec("ijepa-h14", "ijepa", "facebook/ijepa_vith14_1k", global_pool="mean",
+                        depth=32,
                         description="I-JEPA ViT-H/14 (no CLS): global = mean of patch tokens")
 
 
 # --- tiny random backbones for tests and the demo ----------------------------------------------
 _TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+_TINY_DEPTH = 2
 
 
 @register_backbone
 def _tiny_dinov2() -> BackboneSpec:
     return BackboneSpec("tiny-dinov2", "dinov2", None, random_config=dict(_TINY, mlp_ratio=2),
-                        description="2-layer 32-d DINOv2, random weights (tests)")
+                        depth=_TINY_DEPTH, description="2-layer 32-d DINOv2, random weights (tests)")
 
 
 @register_backbone
 def _tiny_dinov2_reg() -> BackboneSpec:
     return BackboneSpec("tiny-dinov2-reg", "dinov2-reg", None,
-                        random_config=dict(_TINY, mlp_ratio=2, num_register_tokens=4),
+                        random_config=dict(_TINY, mlp_ratio=2, num_register_tokens=4), depth=_TINY_DEPTH,
                         description="2-layer 32-d DINOv2 with 4 registers, random weights (tests)")
 
 
 @register_backbone
 def _tiny_ijepa() -> BackboneSpec:
     return BackboneSpec("tiny-ijepa", "ijepa", None, global_pool="mean", random_config=dict(_TINY),
+                        depth=_TINY_DEPTH,
                         description="2-layer 32-d I-JEPA, random weights (tests)")
 
 
 @register_backbone
 def _tiny_vit() -> BackboneSpec:
     return BackboneSpec("tiny-vit", "timm-vit", None, mean=INCEPTION_MEAN, std=INCEPTION_STD,
-                        random_config=dict(embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0),
+                        random_config=dict(embed_dim=32, depth=_TINY_DEPTH, num_heads=2, mlp_ratio=2.0),
+                        depth=_TINY_DEPTH,
                         description="2-layer 32-d timm ViT, random weights (tests)")
 
 

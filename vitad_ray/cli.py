@@ -24,9 +24,12 @@ def _add_backbone(p: argparse.ArgumentParser) -> None:
                         "see `vitad backbones`")
     p.add_argument("--weights", action="append",
                    help="weights per backbone: a local directory, a hub id or 'random'")
-    p.add_argument("--image-size", type=int, help="input size (multiple of the patch size)")
-    p.add_argument("--layers", default="",
-                   help="blocks to take tokens from, concatenated, e.g. 8,12 (default: the last)")
+    p.add_argument("--image-size", type=int,
+                   help="input size, a multiple of the patch size (default: the default "
+                        "recipe's, 224)")
+    p.add_argument("--layers", default=None,
+                   help="blocks to take tokens from, concatenated, e.g. 9,12, or 'last' "
+                        "(default: the default recipe's block, 3/4 of the backbone's depth)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--actors", type=int, help="embedder actors per backbone")
 
@@ -40,12 +43,26 @@ def _add_sources(p: argparse.ArgumentParser) -> None:
                    help="video sampling rate (default 4.17, the paper's; 0 = every frame)")
 
 
-def _add_fit(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--k-max", type=int, help="largest k (default: half the training clips, <= 50)")
+def _add_fit(p: argparse.ArgumentParser, several: bool = False) -> None:
+    from .detect import RECIPES
+
+    if several:
+        p.add_argument("--recipe", action="append", dest="recipes",
+                       help=f"a named recipe ({', '.join(RECIPES)}) or a recipe YAML file; "
+                            "repeat for several (default: default and paper)")
+    else:
+        p.add_argument("--recipe", default="default",
+                       help=f"a named recipe ({', '.join(RECIPES)}) or a recipe YAML file "
+                            "(default: default)")
+    p.add_argument("--target-fpr", type=float,
+                   help="false-alarm rate of the label-free threshold on the training frames "
+                        "scored leave-one-clip-out (default: the recipe's, 0.01)")
+    p.add_argument("--k-max", type=int, help="paper recipe: largest k (default: half the "
+                                             "training clips, <= 50)")
     p.add_argument("--shards", type=int, default=1, help="Chroma stores to spread scopes over")
     p.add_argument("--chroma-url", help="a `chroma run` server (http://127.0.0.1:8000) instead "
                                         "of embedded stores")
-    p.add_argument("--no-hdbscan", action="store_true", help="fit k-Means only")
+    p.add_argument("--no-hdbscan", action="store_true", help="paper recipe: fit k-Means only")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,8 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "shutdown` or `serve delete vitad` stops it)")
     _add_ray(p)
 
-    p = sub.add_parser("report", help="render a quality run folder (bench/quality.py) to HTML")
-    p.add_argument("run_dir", help="run folder with summary.json, frames.parquet, patch_maps.npy")
+    p = sub.add_parser("report", help="render a run to HTML: `vitad evaluate`'s output "
+                                      "folder or a benchmark's run folder")
+    p.add_argument("run_dir", help="`vitad evaluate --out` folder, or a run folder (summary.json, "
+                                   "frames.parquet, patch_maps.npy)")
     p.add_argument("--out", help="where index.html and its PNGs go (default RUN_DIR/report)")
 
     p = sub.add_parser("submit", help="run a step as a Ray job on a cluster (Job API)")
@@ -133,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--out", default="runs/demo", help="run directory")
             p.add_argument("--frames-per-clip", type=int, default=48)
         _add_backbone(p)
-        _add_fit(p)
+        _add_fit(p, several=True)
         _add_ray(p)
         p.add_argument("--index", choices=["exact", "chroma"], default="exact")
         p.add_argument("--threshold-mode", choices=["calibrated", "paper"], default="calibrated")
@@ -142,8 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _choices(args, default: str):
-    from .backbones import parse_layers
+def _choices(args, default: str, recipes=None):
+    """The backbones to embed with and their features: --image-size / --layers, else what the
+    recipes need (one pass gives every block they use)."""
+    from .backbones import get_spec, parse_layers
+    from .detect import DEFAULT
     from .embed import BackboneChoice
 
     names = args.backbones or [default]
@@ -151,8 +173,23 @@ def _choices(args, default: str):
     if len(weights) > len(names):
         raise SystemExit("more --weights than --backbone")
     weights = weights + [None] * (len(names) - len(weights))
-    layers = parse_layers(args.layers)
-    return [BackboneChoice(n, w, args.image_size, layers) for n, w in zip(names, weights)]
+    recipes = recipes or [DEFAULT]
+    sizes = {r.image_size for r in recipes if r.image_size is not None}
+    if args.image_size is None and len(sizes) > 1:
+        raise SystemExit(f"the recipes need different image sizes {sorted(sizes)}; evaluate "
+                         "them in separate runs")
+    size = args.image_size or (sizes.pop() if sizes else None)
+    out = []
+    for n, w in zip(names, weights):
+        depth = get_spec(n).depth
+        if args.layers is not None:
+            layers = () if args.layers == "last" else parse_layers(args.layers)
+        else:
+            blocks = {r.layers_for(depth) or (depth,) for r in recipes}
+            layers = tuple(sorted({b for bl in blocks for b in bl}))
+            layers = () if layers == (depth,) else layers
+        out.append(BackboneChoice(n, w, size, layers))
+    return out
 
 
 def _items(args) -> list[dict]:
@@ -171,11 +208,25 @@ def _items(args) -> list[dict]:
     return items
 
 
-def _fit_config(args):
+def _recipe(args, name):
+    """A recipe with the flags that change it applied."""
+    from .detect import get_recipe
+
+    recipe = get_recipe(name)
+    changes = {}
+    if args.target_fpr is not None:
+        changes["target_fpr"] = args.target_fpr
+    if args.k_max is not None:
+        changes["k_max"] = args.k_max
+    if args.no_hdbscan:
+        changes["hdbscan"] = False
+    return recipe.replace(**changes) if changes else recipe
+
+
+def _fit_config(args, recipe):
     from .fit import FitConfig
 
-    return FitConfig(k_max=args.k_max, n_shards=args.shards, chroma_url=args.chroma_url,
-                     hdbscan=not args.no_hdbscan)
+    return FitConfig.from_recipe(recipe, n_shards=args.shards, chroma_url=args.chroma_url)
 
 
 def cmd_embed(args) -> dict:
@@ -198,14 +249,25 @@ def cmd_embed(args) -> dict:
 
 
 def cmd_fit(args) -> dict:
-    from .fit import fit_model
+    from .fit import fit_recipe
     from .runtime import init_ray
 
+    recipe = _recipe(args, args.recipe)
     init_ray(args.address, args.num_cpus)
-    res = fit_model(args.embeddings, args.out, _fit_config(args))
-    _say(f"fitted {res.fitted} scopes ({res.skipped} already done) in {res.seconds:.1f}s "
-         f"on {len(res.nodes)} node(s); model directory: {res.model_dir}")
+    res = fit_recipe(args.embeddings, args.out, recipe, _fit_config(args, recipe))
+    _say(_fit_line(recipe, res))
     return {"fitted": res.fitted, "skipped": res.skipped, "seconds": res.seconds}
+
+
+def _fit_line(recipe, res) -> str:
+    if recipe.kind == "paper":
+        return (f"recipe {recipe.name}: fitted {res.fitted} scopes ({res.skipped} already done) "
+                f"in {res.seconds:.1f}s on {len(res.nodes)} node(s); model directory: "
+                f"{res.model_dir}")
+    return (f"recipe {recipe.name}: fitted {res.fitted} streams ({res.skipped} already done) in "
+            f"{res.seconds:.1f}s; label-free threshold {res.threshold:.4f} (target false-alarm "
+            f"rate {recipe.target_fpr:g} on training frames scored leave-one-clip-out); "
+            f"model directory: {res.model_dir}")
 
 
 def cmd_score(args) -> dict:
@@ -303,11 +365,15 @@ def cmd_serve(args) -> dict:
 
 
 def cmd_report(args) -> dict:
-    from .report import build_report
+    from .report import build_report, run_folders
 
-    page = build_report(args.run_dir, args.out)
-    _say(f"report: {page}")
-    return {"page": str(page)}
+    folders = run_folders(args.run_dir)
+    if args.out and len(folders) > 1:
+        raise ValueError(f"{args.run_dir} holds {len(folders)} runs; --out takes one")
+    pages = [build_report(folder, args.out) for folder in folders]
+    for page in pages:
+        _say(f"report: {page}")
+    return {"pages": [str(p) for p in pages]}
 
 
 def cmd_submit(args) -> dict:
@@ -323,18 +389,44 @@ def cmd_submit(args) -> dict:
     return {"job": job, "status": status}
 
 
-def run_pipeline(args, items: list[dict], default_backbone: str) -> dict:
-    """embed -> fit (train split) -> score (test split) -> evaluate; returns the summary."""
+def frame_files(items: list[dict], manifest: str | None) -> dict[str, tuple[str, str]]:
+    """frame_id -> (image path, mask path) of image items; masks from a manifest's mask_path."""
+    masks = {}
+    if manifest:
+        import csv
+
+        from .frames import clip_key
+
+        root = Path(manifest).parent
+        with open(manifest, newline="") as fh:
+            for row in csv.DictReader(fh):
+                if row.get("mask_path"):
+                    fid = f"{clip_key(row['split'], row['clip'])}/{int(row['frame_index'])}"
+                    masks[fid] = str(root / row["mask_path"])
+    return {f"{it['clip']}/{it['frame_index']}": (str(it["path"]), masks.get(
+        f"{it['clip']}/{it['frame_index']}", "")) for it in items if it["kind"] == "image"}
+
+
+def run_pipeline(args, items: list[dict], default_backbone: str,
+                 default_recipes=("default", "paper")) -> dict:
+    """embed -> fit (train split) -> score (test split) -> evaluate, for every backbone and
+    recipe; returns the summaries."""
     from .embed import run_embedding
-    from .evaluate import evaluate_run, write_report
-    from .fit import fit_model
-    from .modeldir import write_thresholds
+    from .evaluate import evaluate_run, write_evaluation_run, write_report
+    from .report import build_report
+    from .fit import fit_recipe
+    from .metrics import to_markdown
+    from .modeldir import read_model_json, write_thresholds
     from .runtime import init_ray
     from .score import score_embeddings
 
+    recipes = [_recipe(args, r) for r in (args.recipes or default_recipes)]
+    names = [r.name for r in recipes]
+    if len(set(names)) != len(names):
+        raise SystemExit(f"recipes named twice: {names}")
+    choices = _choices(args, default_backbone, recipes)
     init_ray(args.address, args.num_cpus)
     out = Path(args.out)
-    choices = _choices(args, default_backbone)
     timings = {}
     t = time.perf_counter()
     emb = run_embedding(items, choices, out / "embeddings", batch_size=args.batch_size,
@@ -342,29 +434,48 @@ def run_pipeline(args, items: list[dict], default_backbone: str) -> dict:
     timings["embed"] = time.perf_counter() - t
     _say(f"[1/4] embedded {emb.written} frames ({emb.already_present} already present, "
          f"{len(emb.errors)} skipped) in {timings['embed']:.1f}s -> {out / 'embeddings'}")
-    summaries = {}
+    summaries, evaluations = {}, []
+    files = frame_files(items, getattr(args, "manifest", None))
     for choice in choices:
         emb_dir = out / "embeddings" / choice.name
-        model_dir = out / "models" / choice.name
-        t = time.perf_counter()
-        fit = fit_model(emb_dir, model_dir, _fit_config(args))
-        timings[f"fit {choice.name}"] = time.perf_counter() - t
-        _say(f"[2/4] fitted {fit.fitted} scopes ({fit.skipped} resumed) in "
-             f"{timings[f'fit {choice.name}']:.1f}s -> {model_dir}")
-        t = time.perf_counter()
-        scores_path = out / "scores" / f"{choice.name}.parquet"
-        res = score_embeddings(model_dir, emb_dir, scores_path, index=args.index, splits=["test"])
-        timings[f"score {choice.name}"] = time.perf_counter() - t
-        _say(f"[3/4] scored {res['frames']} test frames in {timings[f'score {choice.name}']:.1f}s "
-             f"-> {scores_path}")
-        result = evaluate_run(scores_path, choice.name, args.threshold_mode, args.calib_fraction,
-                              args.seed)
-        report_dir = out / "report" / choice.name
-        summaries[choice.name] = write_report(report_dir, result, timings)
-        write_thresholds(model_dir, result["thresholds"])
-        _say(f"[4/4] report -> {report_dir / 'report.md'} (table.csv, summary.json); calibrated "
-             f"thresholds written to {model_dir / 'model.json'}")
-        _say((report_dir / "report.md").read_text())
+        results, scored = {}, {}
+        for recipe in recipes:
+            key = f"{choice.name}/{recipe.name}"
+            model_dir = out / "models" / choice.name / recipe.name
+            t = time.perf_counter()
+            fit = fit_recipe(emb_dir, model_dir, recipe, _fit_config(args, recipe))
+            timings[f"fit {key}"] = time.perf_counter() - t
+            _say(f"[2/4] {_fit_line(recipe, fit)}")
+            t = time.perf_counter()
+            scores_path = out / "scores" / choice.name / f"{recipe.name}.parquet"
+            res = score_embeddings(model_dir, emb_dir, scores_path, index=args.index,
+                                   splits=["test"])
+            timings[f"score {key}"] = time.perf_counter() - t
+            _say(f"[3/4] recipe {recipe.name}: scored {res['frames']} test frames in "
+                 f"{timings[f'score {key}']:.1f}s -> {scores_path}")
+            result = evaluate_run(scores_path, choice.name, args.threshold_mode,
+                                  args.calib_fraction, args.seed, read_model_json(model_dir))
+            report_dir = out / "report" / choice.name / recipe.name
+            summaries[key] = write_report(report_dir, result, timings)
+            write_thresholds(model_dir, result["thresholds"])
+            evaluations += result["evaluations"]
+            results[recipe.name], scored[recipe.name] = result, scores_path
+            free = result["label_free"]
+            _say(f"[4/4] recipe {recipe.name}: report -> {report_dir / 'report.md'}; thresholds "
+                 f"calibrated on clips {', '.join(result['calibration_clips']) or '-'} written to "
+                 f"{model_dir / 'model.json'}" + (
+                     f"; the label-free threshold flags {free['fpr_normal_test_frames']:.4f} of "
+                     f"the {free['normal_test_frames']} normal test frames (target "
+                     f"{free['target_fpr']})" if free else ""))
+        run = write_evaluation_run(out / "report" / choice.name, results, scored, files)
+        _say(f"report page: {build_report(run)}")
+    table = to_markdown(evaluations)
+    (out / "report").mkdir(parents=True, exist_ok=True)
+    (out / "report" / "table.md").write_text(table)
+    first = next(iter(summaries.values()))
+    _say(f"\nEvaluated clips {', '.join(first['evaluated_clips'])}; thresholds calibrated on "
+         f"clips {', '.join(first['calibration_clips']) or '-'} (rows 'calibration-clips') or "
+         f"set by `vitad fit` without labels (rows 'label-free@fpr=...'):\n\n{table}")
     return summaries
 
 
@@ -387,7 +498,7 @@ def cmd_demo(args) -> dict:
         items_from_manifest(scene["test_manifest"])
     if args.k_max is None:
         args.k_max = 4
-    return run_pipeline(args, items, "tiny-dinov2")
+    return run_pipeline(args, items, "tiny-dinov2", default_recipes=("default",))
 
 
 def main(argv: list[str] | None = None) -> int:

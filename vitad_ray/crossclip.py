@@ -72,6 +72,7 @@ class CrossClipNormality:
         """train [S, N, D] (scopes first), clips [N]: the clip of each training frame."""
         train = np.ascontiguousarray(train, np.float32)
         clips = np.asarray(clips)
+        self._memory_t = None
         n_scopes, n = train.shape[:2]
         if self.coreset is None:
             self.memory_ = train
@@ -84,23 +85,47 @@ class CrossClipNormality:
             self.memory_ = np.take_along_axis(train, keep[:, :, None], axis=1)
             memory_clips = clips[keep]  # [S, K]
         self.memory_clips_ = memory_clips
-        d, nn = loo_clip_neighbors(train, clips, self.memory_, memory_clips, k=1,
-                                   device=self.device)
-        self.loo_d_, self.loo_nn_ = d[:, :, 0], nn[:, :, 0]
-        dens, _ = loo_clip_neighbors(self.memory_, memory_clips, self.memory_, memory_clips,
-                                     k=self.m, device=self.device)
+        dens, rows = loo_clip_neighbors(self.memory_, memory_clips, self.memory_, memory_clips,
+                                        k=self.m, device=self.device)
         self.loc_dens_ = dens.mean(axis=2)
+        if self.coreset is None:  # memory = training set: its nearest of other clips is known
+            self.loo_d_, self.loo_nn_ = dens[:, :, 0], rows[:, :, 0]
+        else:
+            d, nn = loo_clip_neighbors(train, clips, self.memory_, memory_clips, k=1,
+                                       device=self.device)
+            self.loo_d_, self.loo_nn_ = d[:, :, 0], nn[:, :, 0]
         self.mu_ = self.loo_d_.mean(axis=1)
         self.sigma_ = np.maximum(self.loo_d_.std(axis=1), 1e-6)
         self.ref_sorted_ = np.sort(self.loo_d_, axis=1)
         return self
 
-    def nearest(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(d [S, B], memory row [S, B]) of queries [S, B, D]."""
-        d, rows = knn_stacked(queries, self.memory_, k=1, device=self.device)
+    def nearest(self, queries: np.ndarray, scopes: slice = slice(None)
+                ) -> tuple[np.ndarray, np.ndarray]:
+        """(d [S', B], memory row [S', B]) of queries [S', B, D] for the scopes ``scopes``."""
+        import torch
+
+        if getattr(self, "_memory_t", None) is None:  # searched many times: convert once
+            memory = np.asarray(self.memory_, np.float32)
+            if not memory.flags.writeable or not memory.flags.c_contiguous:  # a memory map
+                memory = np.array(memory, np.float32, order="C")
+            self._memory_t = torch.from_numpy(memory)
+            self._sqnorm_t = (self._memory_t ** 2).sum(-1)
+        d, rows = knn_stacked(queries, self._memory_t[scopes], k=1,
+                              train_sqnorm=self._sqnorm_t[scopes], device=self.device)
         return d[:, :, 0], rows[:, :, 0]
 
-    def calibrate(self, d: np.ndarray, nn: np.ndarray, how: str) -> np.ndarray:
+    @classmethod
+    def from_state(cls, memory: np.ndarray, loc_dens: np.ndarray, mu: np.ndarray,
+                   sigma: np.ndarray, ref_sorted: np.ndarray, m: int = 5,
+                   device: str | None = None) -> "CrossClipNormality":
+        """A fitted estimator from stored arrays (``memory_`` may be a memory map)."""
+        est = cls(m=m, device=device)
+        est.memory_, est.loc_dens_, est.mu_ = memory, loc_dens, mu
+        est.sigma_, est.ref_sorted_ = sigma, ref_sorted
+        return est
+
+    def calibrate(self, d: np.ndarray, nn: np.ndarray, how: str, scopes: slice = slice(None)
+                  ) -> np.ndarray:
         """Raw distances d [S, B] to memory rows nn [S, B] -> calibrated scores [S, B].
 
         raw: d. ratio: d / loc_dens(nn), uncapped, loc_dens leave-one-clip-out. zscore: (d - mu) /
@@ -111,13 +136,13 @@ class CrossClipNormality:
         if how == "raw":
             return d
         if how == "ratio":
-            loc = np.take_along_axis(self.loc_dens_, nn, axis=1)
+            loc = np.take_along_axis(self.loc_dens_[scopes], nn, axis=1)
             return d / np.maximum(loc, 1e-6)
-        mu, sigma = self.mu_[:, None], self.sigma_[:, None]
+        mu, sigma = self.mu_[scopes, None], self.sigma_[scopes, None]
         if how == "zscore":
             return (d - mu) / sigma
         if how == "ecdf":
-            ref = self.ref_sorted_
+            ref = self.ref_sorted_[scopes]
             share = np.stack([np.searchsorted(r, x, side="right") for r, x in zip(ref, d)])
             beyond = np.maximum(0.0, (d - ref[:, -1:]) / sigma)
             return share.astype(np.float32) / ref.shape[1] + beyond

@@ -190,6 +190,8 @@ def run_embedding(items: list[dict], choices: list[BackboneChoice], out_root: st
                   threads_per_actor: int | None = None, show_progress: bool = True) -> EmbedResult:
     """Embed every item with every backbone; resumes by skipping frames already written."""
     out_root = Path(out_root)
+    for c in choices:
+        check_features(out_root / c.name, c)
     writers = {c.name: EmbeddingWriter(out_root / c.name) for c in choices}
     result = EmbedResult(out_dirs={c.name: out_root / c.name for c in choices})
     written_ids = {name: w.existing_frame_ids() for name, w in writers.items()}
@@ -236,6 +238,24 @@ def run_embedding(items: list[dict], choices: list[BackboneChoice], out_root: st
     result.seconds = time.perf_counter() - start
     _write_run_log(out_root, result)
     return result
+
+
+def check_features(folder: Path, choice: BackboneChoice) -> None:
+    """Refuses to add frames of other features to an embeddings folder: a resumed run would
+    skip the frames it holds and mix two kinds of vectors."""
+    from .embeddings import METADATA_FILE
+
+    path = folder / METADATA_FILE
+    if not path.exists():
+        return
+    meta = json.loads(path.read_text())
+    spec = choice.spec
+    have = (meta.get("image_size"), list(meta.get("layers") or []))
+    want = (spec.image_size, list(spec.layers))
+    if have != want:
+        raise ValueError(f"{folder} holds {have[0]} px features of blocks {have[1] or 'last'}; "
+                         f"this run asks for {want[0]} px, blocks {want[1] or 'last'}: give "
+                         "another --out, or the same --image-size and --layers")
 
 
 def still_to_embed(items: list[dict], writers: list[EmbeddingWriter], written_ids: list[set]
@@ -309,6 +329,7 @@ def _metadata(choice: BackboneChoice, global_: np.ndarray, local: np.ndarray) ->
         "patch_size": spec.patch_size,
         "global_pool": spec.global_pool,
         "layers": list(spec.layers),
+        "depth": spec.depth,
         "preprocessing": {"resize": f"{spec.image_size}x{spec.image_size} bicubic, whole frame, "
                                     "no centre crop", "mean": spec.mean, "std": spec.std},
         "versions": package_versions(),

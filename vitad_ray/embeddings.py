@@ -144,17 +144,22 @@ def load_embeddings(emb_dir: str | os.PathLike, splits: list[str] | None = None,
     return Embeddings(ids.iloc[order], global_, local, metadata)
 
 
-def select_layers(emb: Embeddings, layers: tuple[int, ...]) -> Embeddings:
-    """The given blocks' features of an embedding taken from several blocks (``--layers``)."""
-    have = list(emb.metadata.get("layers") or [])
+def layer_columns(metadata: dict, layers: tuple[int, ...]) -> np.ndarray:
+    """Columns of the feature axis that hold the given blocks of a multi-block embedding."""
+    have = list(metadata.get("layers") or [])
     if not have:
         raise ValueError("these embeddings hold one block's features; there are no layers to pick")
     missing = [i for i in layers if i not in have]
     if missing:
         raise ValueError(f"layers {missing} not in these embeddings (they hold {have})")
-    width = int(emb.metadata["dim"]) // len(have)
-    cols = np.concatenate([np.arange(have.index(i) * width, (have.index(i) + 1) * width)
+    width = int(metadata["dim"]) // len(have)
+    return np.concatenate([np.arange(have.index(i) * width, (have.index(i) + 1) * width)
                            for i in layers])
+
+
+def select_layers(emb: Embeddings, layers: tuple[int, ...]) -> Embeddings:
+    """The given blocks' features of an embedding taken from several blocks (``--layers``)."""
+    cols = layer_columns(emb.metadata, layers)
     metadata = dict(emb.metadata, layers=list(layers), dim=len(cols))
     return Embeddings(emb.ids, np.ascontiguousarray(emb.global_[:, cols]),
                       None if emb.local is None else np.ascontiguousarray(emb.local[..., cols]),

@@ -20,7 +20,7 @@ import numpy as np
 
 from .embeddings import load_embeddings
 from .modeldir import (DEFAULT_THRESHOLDS, HDBSCAN_DIR, MODEL_FILE, SCOPES_DIR, hdbscan_path,
-                       read_model_json, scope_marker)
+                       read_model_json, scope_marker, write_model_json)
 from .normality import HDBSCANNormality, KMeansNormality, k_range
 from .progress import Progress
 from .store import ScopeStore, collection_name, scope_names, shard_location, shard_of
@@ -40,6 +40,11 @@ class FitConfig:
     chroma_url: str | None = None  # a `chroma run` server instead of embedded stores
     train_splits: tuple[str, ...] = ("train",)
     max_in_flight: int | None = None
+
+    @classmethod
+    def from_recipe(cls, recipe, **settings) -> "FitConfig":
+        """The paper recipe's k-Means / HDBSCAN settings, plus storage settings."""
+        return cls(k_max=recipe.k_max, m=recipe.m, hdbscan=recipe.hdbscan, **settings)
 
 
 def stack_scopes(global_: np.ndarray, local: np.ndarray) -> np.ndarray:
@@ -124,6 +129,7 @@ class FitResult:
     skipped: int
     seconds: float
     nodes: dict[str, int]
+    threshold: float | None = None
 
 
 def _round_robin(todo: list[int], shard: list[int]) -> list[int]:
@@ -145,18 +151,46 @@ def _signature(backbone: str, weights_sha: str, frame_ids: list[str], cfg: FitCo
     return h.hexdigest()
 
 
+def fit_recipe(emb_dir: str | os.PathLike, model_dir: str | os.PathLike, recipe=None,
+               cfg: FitConfig | None = None, show_progress: bool = True) -> FitResult:
+    """Fit a model directory for a recipe (a name, a YAML path or a Recipe): the paper's
+    per-scope k-Means / HDBSCAN over Chroma stores, or the cross-clip Detector."""
+    from .detect import get_recipe
+    from .detect.fit import fit_detector_model
+
+    recipe = get_recipe(recipe)
+    cfg = cfg or FitConfig.from_recipe(recipe)
+    if recipe.kind == "paper":
+        return fit_model(emb_dir, model_dir, cfg, show_progress, recipe=recipe)
+    start = time.perf_counter()
+    done = fit_detector_model(emb_dir, model_dir, recipe, cfg.train_splits, show_progress)
+    return FitResult(Path(model_dir), fitted=len(done["fitted"]), skipped=len(done["resumed"]),
+                     seconds=time.perf_counter() - start, nodes={}, threshold=done["threshold"])
+
+
 def fit_model(emb_dir: str | os.PathLike, model_dir: str | os.PathLike,
-              cfg: FitConfig | None = None, show_progress: bool = True) -> FitResult:
+              cfg: FitConfig | None = None, show_progress: bool = True, recipe=None
+              ) -> FitResult:
+    """The paper recipe's fit: every scope's k-Means and HDBSCAN, stored in Chroma."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    from .detect import PAPER
+
     cfg = cfg or FitConfig()
+    recipe = recipe or PAPER
     start = time.perf_counter()
     model_dir = Path(model_dir)
     emb = load_embeddings(emb_dir, splits=list(cfg.train_splits))
     if len(emb) < 3:
         raise ValueError(f"{emb_dir}: {len(emb)} training frames in splits {cfg.train_splits}; "
                          "need at least 3")
+    from .detect.recipe import embedding_layers
+    from .embeddings import select_layers
+
+    layers = embedding_layers(recipe, emb.metadata)
+    if layers:
+        emb = select_layers(emb, layers)
     meta = emb.metadata
     backbone = meta["backbone"]
     clips = sorted(emb.ids["clip"].unique())
@@ -165,7 +199,8 @@ def fit_model(emb_dir: str | os.PathLike, model_dir: str | os.PathLike,
         k_max = cfg.k_max
     frame_ids = emb.ids["frame_id"].tolist()
     scopes = scope_names(int(meta["num_patches"]))
-    signature = _signature(backbone, meta["weights_sha256"], frame_ids, cfg)
+    signature = _signature(backbone, meta["weights_sha256"] + (f"|layers={list(layers)}" if layers
+                                                               else ""), frame_ids, cfg)
 
     model_dir.mkdir(parents=True, exist_ok=True)
     (model_dir / SCOPES_DIR).mkdir(exist_ok=True)
@@ -225,13 +260,14 @@ def fit_model(emb_dir: str | os.PathLike, model_dir: str | os.PathLike,
         ray.kill(writer)
 
     _write_model_json(model_dir, meta, emb_dir, clips, frame_ids, scopes, shard_scopes, locations,
-                      cfg, k_min, k_max, time.perf_counter() - start)
+                      cfg, k_min, k_max, time.perf_counter() - start, recipe, layers)
     return FitResult(model_dir, fitted=len(todo), skipped=len(done),
                      seconds=time.perf_counter() - start, nodes=nodes)
 
 
 def _write_model_json(model_dir: Path, meta: dict, emb_dir, clips, frame_ids, scopes,
-                      shard_scopes, locations, cfg: FitConfig, k_min, k_max, seconds) -> None:
+                      shard_scopes, locations, cfg: FitConfig, k_min, k_max, seconds, recipe,
+                      layers) -> None:
     per_scope = {}
     for scope in scopes:
         marker = json.loads(scope_marker(model_dir, scope).read_text())
@@ -245,7 +281,9 @@ def _write_model_json(model_dir: Path, meta: dict, emb_dir, clips, frame_ids, sc
         "embeddings": {"path": str(Path(emb_dir).resolve()),
                        **{k: meta[k] for k in ("weights", "weights_sha256", "dim", "num_patches",
                                                "grid", "image_size", "patch_size", "global_pool")},
-                       "layers": list(meta.get("layers", []))},
+                       "layers": list(meta.get("layers", [])),
+                       "selected_layers": list(layers)},
+        "recipe": recipe.replace(k_max=k_max, hdbscan=cfg.hdbscan).to_dict(),
         "train": {"splits": list(cfg.train_splits), "clips": clips, "n_frames": len(frame_ids)},
         "params": {"k_min": k_min, "k_max": k_max, "m": cfg.m, "hdbscan": cfg.hdbscan,
                    "min_cluster_size": cfg.min_cluster_size, "min_samples": cfg.min_samples,
@@ -257,7 +295,7 @@ def _write_model_json(model_dir: Path, meta: dict, emb_dir, clips, frame_ids, sc
         "versions": package_versions(),
         "fit_seconds": round(seconds, 2),
     }
-    (model_dir / MODEL_FILE).write_text(json.dumps(doc, indent=2))
+    write_model_json(model_dir, doc)
 
 
 def _relative(location: str, model_dir: Path) -> str:

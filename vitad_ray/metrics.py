@@ -121,10 +121,17 @@ class Evaluation:
 
 def evaluate_scores(name: str, y_eval: np.ndarray, s_eval: np.ndarray, *,
                     y_calib: np.ndarray | None = None, s_calib: np.ndarray | None = None,
-                    mode: str = "calibrated") -> Evaluation:
+                    mode: str = "calibrated", threshold: float | None = None,
+                    source: str = "") -> Evaluation:
     """Metrics on the evaluated frames at a threshold chosen on calibration frames ("calibrated",
-    the honest default) or on the evaluated frames themselves, recall-weighted ("paper")."""
-    if mode == "calibrated":
+    the honest default), on the evaluated frames themselves, recall-weighted ("paper"), or
+    given ("fixed": ``threshold``, e.g. the label-free one a fit set)."""
+    if mode == "fixed":
+        if threshold is None:
+            raise ValueError("a fixed threshold needs a threshold")
+        t = float(threshold)
+        source = source or "given"
+    elif mode == "calibrated":
         if y_calib is None or s_calib is None:
             raise ValueError("calibrated thresholds need calibration frames")
         t = choose_threshold(y_calib, s_calib, "balanced_accuracy")
@@ -132,8 +139,8 @@ def evaluate_scores(name: str, y_eval: np.ndarray, s_eval: np.ndarray, *,
     elif mode == "paper":
         t = choose_threshold(y_eval, s_eval, "f2")
         source = "chosen on the evaluated set (max F2), as the paper did"
-    else:
-        raise ValueError("mode must be 'calibrated' or 'paper'")
+    elif mode != "fixed":
+        raise ValueError("mode must be 'calibrated', 'paper' or 'fixed'")
     pred = np.asarray(s_eval) >= t
     return Evaluation(name, t, source, confusion_metrics(y_eval, pred), auroc(y_eval, s_eval),
                       pr_auc(y_eval, s_eval), len(y_eval))

@@ -17,7 +17,7 @@ HDBSCAN_DIR = "hdbscan"
 DEFAULT_THRESHOLDS = {
     "kmeans": {"global": 1.0, "patch": 1.0},
     "hdbscan": {"global": 0.5, "patch": 0.5},
-    "source": "defaults",
+    "source": "paper",
 }
 
 
@@ -37,13 +37,18 @@ def read_model_json(model_dir: str | os.PathLike) -> dict:
     return json.loads(path.read_text())
 
 
+def write_model_json(model_dir: str | os.PathLike, doc: dict) -> None:
+    """Atomically: a reader sees the old document or the new one, never half of one."""
+    path = Path(model_dir) / MODEL_FILE
+    tmp = path.with_name(f".{MODEL_FILE}.tmp")
+    tmp.write_text(json.dumps(doc, indent=2))
+    os.replace(tmp, path)
+
+
 def write_thresholds(model_dir: str | os.PathLike, thresholds: dict) -> None:
     doc = read_model_json(model_dir)
     doc["thresholds"] = thresholds
-    path = Path(model_dir) / MODEL_FILE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(doc, indent=2))
-    os.replace(tmp, path)
+    write_model_json(model_dir, doc)
 
 
 def shard_locations(model_dir: str | os.PathLike, doc: dict) -> list[tuple[str, list[str]]]:

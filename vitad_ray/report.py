@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .localize import upsample_maps
-from .quality import read_run
+from .runfolder import read_run
 
 TABLE_COLUMNS = [("threshold", "threshold"), ("precision", "precision"), ("recall", "recall"),
                  ("fpr", "FPR"), ("specificity", "specificity"), ("f1", "F1"),
@@ -197,8 +197,23 @@ tr.best{background:#e7f5e7;font-weight:bold}img{max-width:100%;border:1px solid 
 figcaption{font-size:11px;color:#555}"""
 
 
+def run_folders(path: str | os.PathLike) -> list[Path]:
+    """The run folders under ``path``: itself, or one per backbone of a `vitad evaluate` run."""
+    from .runfolder import FRAMES_FILE, SUMMARY_FILE
+
+    path = Path(path)
+    if (path / SUMMARY_FILE).exists() and (path / FRAMES_FILE).exists():
+        return [path]
+    found = sorted(p.parent for p in path.glob(f"report/*/{FRAMES_FILE}"))
+    if not found:
+        raise FileNotFoundError(f"{path} is neither a run folder nor a `vitad evaluate` output "
+                                "folder (no summary.json and frames.parquet)")
+    return found
+
+
 def build_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> Path:
-    """Render RUN_DIR (written by bench/quality.py) to OUT_DIR/index.html (default RUN_DIR/report)."""
+    """Render RUN_DIR (written by `vitad evaluate` or a benchmark) to OUT_DIR/index.html
+    (default RUN_DIR/report)."""
     run_dir = Path(run_dir)
     frames, summary, maps = read_run(run_dir)
     out = Path(out_dir) if out_dir else run_dir / "report"

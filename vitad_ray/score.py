@@ -185,7 +185,9 @@ def write_scores(path: str | os.PathLike, ids: dict, results: dict) -> None:
     columns = identity_table(ids)
     for name, values in results.items():
         values = np.asarray(values)
-        if values.ndim == 1:
+        if values.dtype == object:
+            columns[name] = pa.array(values.tolist(), pa.string())
+        elif values.ndim == 1:
             columns[name] = pa.array(values)
         else:
             columns[name] = _fixed_list(values)
@@ -205,50 +207,63 @@ def read_scores(path: str | os.PathLike) -> tuple[pd.DataFrame, dict]:
     return table.select(scalar).to_pandas(), arrays
 
 
-def score_table_batches(scorer: ModelScorer, ids, global_: np.ndarray, local: np.ndarray,
-                        batch_size: int, thresholds: dict, methods=METHODS,
-                        show_progress: bool = False) -> dict:
-    """Score many frames in batches; returns the concatenated frame results."""
-    parts = []
-    progress = Progress("score", total=len(global_), enabled=show_progress)
-    for lo in range(0, len(global_), batch_size):
-        hi = min(len(global_), lo + batch_size)
-        scores = scorer.score(global_[lo:hi], local[lo:hi], methods)
-        parts.append(frame_results(scores, scorer.scopes, thresholds))
-        progress.update(hi - lo)
-    progress.close()
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
-
-
 class ScoreActor:
-    """Ray Data actor: one ModelScorer, scoring Arrow batches of the embeddings dataset."""
+    """Ray Data actor: the model directory's detector, scoring Arrow blocks of frames.
 
-    def __init__(self, model_dir: str, index: str, methods: tuple, thresholds: dict, dim: int,
-                 num_patches: int, threads: int):
+    Each block is one chunk of one clip in time order; its first ``_context`` rows are the
+    frames before the chunk, which stream state needs (motion, smoothing) and which are scored
+    and dropped."""
+
+    def __init__(self, model_dir: str, index: str, methods: tuple, dim: int, num_patches: int,
+                 threads: int, columns: list[int] | None = None):
         import torch
 
+        from .detect.model import load_model
+
         torch.set_num_threads(max(1, threads))
-        self.scorer = ModelScorer(model_dir, index=index, hdbscan="hdbscan" in methods)
-        self.methods, self.thresholds = methods, thresholds
+        self.detector = load_model(model_dir, index=index, methods=methods)
         self.dim, self.num_patches = dim, num_patches
+        self.columns = None if columns is None else np.asarray(columns)
 
     def __call__(self, batch: pa.Table) -> dict:
+        from .detect.offline import score_chunk
+
         global_ = _to_numpy(batch.column("global"), (self.dim,))
         local = _to_numpy(batch.column("local"), (self.num_patches, self.dim))
-        scores = self.scorer.score(global_, local, self.methods)
-        out = {k: batch.column(k).to_numpy(zero_copy_only=False) for k in ID_COLUMNS}
-        out.update(frame_results(scores, self.scorer.scopes, self.thresholds))
+        if self.columns is not None:
+            global_, local = global_[:, self.columns], local[..., self.columns]
+        n_context = int(batch.column("_context")[0].as_py())
+        index = batch.column("frame_index").to_numpy()
+        det = score_chunk(self.detector, global_, local, index, n_context)
+        out = {k: batch.column(k).to_numpy(zero_copy_only=False)[n_context:] for k in ID_COLUMNS}
+        out.update(det.columns())
         return out
+
+
+def chunk_tables(table: pa.Table, chunk: int, context: int) -> list[pa.Table]:
+    """One Arrow table per chunk of each clip, in time order, led by its context rows."""
+    from .detect.offline import chunks, clip_rows
+
+    ids = table.select(["clip", "frame_index"]).to_pandas()
+    out = []
+    for rows in clip_rows(ids):
+        for sel, n_context in chunks(rows, chunk, context):
+            part = table.take(pa.array(sel))
+            out.append(part.append_column("_context", pa.array([n_context] * len(sel),
+                                                               pa.int32())))
+    return out
 
 
 def score_embeddings(model_dir: str | os.PathLike, emb_dir: str | os.PathLike,
                      out_path: str | os.PathLike, index: str = "exact", batch_size: int = 64,
                      splits: list[str] | None = None, clips: list[str] | None = None,
                      methods=METHODS, actors: int = 1, show_progress: bool = True) -> dict:
-    """Score every frame of an embeddings folder with a Ray Data actor pool; writes Parquet."""
+    """Score every frame of an embeddings folder with a Ray Data actor pool of the model's
+    detector, each clip as a stream in time order; writes Parquet sorted by clip and time."""
     import ray
 
-    from .embeddings import read_metadata
+    from .detect import recipe_from_model
+    from .embeddings import layer_columns, read_metadata
 
     doc = read_model_json(model_dir)
     meta = read_metadata(emb_dir)
@@ -257,23 +272,36 @@ def score_embeddings(model_dir: str | os.PathLike, emb_dir: str | os.PathLike,
         raise ValueError(f"{emb_dir} was embedded with {meta['backbone']} "
                          f"({meta['weights_sha256'][:12]}), the model with {doc['backbone']} "
                          f"({doc['embeddings']['weights_sha256'][:12]})")
-    thresholds = doc["thresholds"]
+    if int(meta["image_size"]) != int(doc["embeddings"]["image_size"]):
+        raise ValueError(f"{emb_dir} holds {meta['image_size']} px features, the model was "
+                         f"fitted on {doc['embeddings']['image_size']} px")
+    selected = doc["embeddings"].get("selected_layers") or []
+    columns = layer_columns(meta, tuple(selected)).tolist() if selected else None
+    if columns is None and list(meta.get("layers") or []) != list(doc["embeddings"]["layers"]):
+        raise ValueError(f"{emb_dir} holds blocks {meta.get('layers') or 'last'}, the model was "
+                         f"fitted on {doc['embeddings']['layers'] or 'the last block'}")
+    recipe = recipe_from_model(doc)
     start = time.perf_counter()
     parts = sorted(str(p) for p in Path(emb_dir).glob("part-*.parquet"))
+    if not parts:
+        raise FileNotFoundError(f"no embedding parts in {emb_dir}")
     filters = []
     if splits:
         filters.append(("split", "in", list(splits)))
     if clips:
         filters.append(("clip", "in", list(clips)))
     table = pq.read_table(parts, filters=filters or None)
+    if not len(table):
+        raise ValueError(f"{emb_dir}: no frames in splits {splits or 'any'}"
+                         + (f" and clips {clips}" if clips else ""))
     cpus = int(ray.cluster_resources().get("CPU", 1))
-    ds = ray.data.from_arrow(table).repartition(max(1, min(len(table) // batch_size + 1, 4 * actors)))
+    ds = ray.data.from_arrow(chunk_tables(table, batch_size, recipe.context_frames))
     ds = ds.map_batches(
-        ScoreActor, batch_format="pyarrow", batch_size=batch_size,
+        ScoreActor, batch_format="pyarrow", batch_size=None,
         fn_constructor_kwargs={"model_dir": str(Path(model_dir).resolve()), "index": index,
-                               "methods": tuple(methods), "thresholds": thresholds,
-                               "dim": int(meta["dim"]), "num_patches": int(meta["num_patches"]),
-                               "threads": max(1, cpus // actors)},
+                               "methods": tuple(methods), "dim": int(meta["dim"]),
+                               "num_patches": int(meta["num_patches"]),
+                               "threads": max(1, cpus // actors), "columns": columns},
         compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1)
     progress = Progress("score", total=len(table), enabled=show_progress)
     chunks = []
@@ -284,6 +312,10 @@ def score_embeddings(model_dir: str | os.PathLike, emb_dir: str | os.PathLike,
     merged = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
     order = np.lexsort((merged["frame_index"], merged["clip"]))
     merged = {k: v[order] for k, v in merged.items()}
+    if len(np.unique(merged["frame_id"])) != len(table):
+        raise RuntimeError(f"scored {len(np.unique(merged['frame_id']))} distinct frames of "
+                           f"{len(table)}")
     ids = {k: merged.pop(k) for k in ID_COLUMNS}
     write_scores(out_path, ids, merged)
-    return {"frames": len(order), "seconds": time.perf_counter() - start, "path": str(out_path)}
+    return {"frames": len(order), "seconds": time.perf_counter() - start, "path": str(out_path),
+            "recipe": recipe.name}

@@ -35,9 +35,10 @@ from ray import serve
 from . import __version__
 from .modeldir import read_model_json
 from .serve_api import (JSON_TYPES, METHODS, MULTIPART, SCOPES, ApiError, DetectOptions,
-                        ImageInput, Limits,
-                        check_content_length, decode_image, frame_answer, images_from_form,
-                        images_from_json, media_type, parse_options)
+                        ImageInput, Limits, StreamRegistry,
+                        check_content_length, decode_image, detection_answer, frame_answer,
+                        images_from_form, images_from_json, media_type, parse_options)
+from .detect import StreamState
 from .store import GLOBAL, scope_names, shard_of
 
 TOKEN_ENV = "VITAD_SERVE_TOKEN"
@@ -89,6 +90,10 @@ class ServeConfig:
     token: str | None = None          # default: $VITAD_SERVE_TOKEN; none = no auth
     max_images: int = 32
     max_image_bytes: int = 8 << 20
+    # Stream state (cross-clip recipes): how many streams an ingress replica remembers, and for
+    # how long a stream without a frame is kept.
+    max_streams: int = 1024
+    stream_idle_s: float = 300.0
     request_timeout_s: float = 60.0
     host: str = "127.0.0.1"
     port: int = 8000
@@ -134,6 +139,15 @@ def model_id(doc: dict) -> str:
 
 
 def effective_thresholds(doc: dict, overrides: dict) -> dict:
+    if "frame" in doc["thresholds"]:  # a cross-clip recipe: one frame threshold
+        out = dict(doc["thresholds"])
+        if overrides:
+            if set(overrides) - {"frame", "appearance"}:
+                raise ValueError(f"this model's thresholds are {{'frame': t, 'appearance': t}}; "
+                                 f"got {overrides}")
+            out.update({k: float(v) for k, v in overrides.items()})
+            out["source"] = "user"
+        return out
     out = {m: dict(doc["thresholds"][m]) for m in ("kmeans", "hdbscan")}
     for method, values in (overrides or {}).items():
         if method not in out or not set(values) <= {"global", "patch"}:
@@ -271,6 +285,51 @@ class ScopeShard:
         return out
 
 
+@serve.deployment
+class DetectorShard:
+    """A contiguous range of scopes of a cross-clip Detector: each stream's memory of them.
+
+    Scores a batch of query vectors per stream with one nearest-neighbour search per stream;
+    the ingress, which holds the streams' state, fuses the scopes of every shard."""
+
+    def __init__(self, model_dir: str, lo: int, hi: int, threads: int, max_batch: int,
+                 batch_wait_s: float):
+        import torch
+
+        from .detect.model import load_model
+
+        torch.set_num_threads(max(1, threads))
+        self.lo, self.hi = lo, hi
+        self.detector = load_model(model_dir, scopes=slice(lo, hi))
+        self.score.set_max_batch_size(max_batch)
+        self.score.set_batch_wait_timeout_s(batch_wait_s)
+
+    def _score(self, calls: list[dict]) -> list[dict]:
+        from .fit import stack_scopes
+
+        out = [{} for _ in calls]
+        for name in self.detector.streams_:
+            members = [i for i, c in enumerate(calls) if name in c]
+            if not members:
+                continue
+            g = np.concatenate([calls[i][name][0] for i in members])
+            loc = np.concatenate([calls[i][name][1] for i in members])
+            queries = stack_scopes(g, loc)[self.lo:self.hi]
+            scores = self.detector.scope_scores(name, queries)  # [S', B]
+            at = 0
+            for i in members:
+                n = len(calls[i][name][0])
+                out[i][name] = scores[:, at:at + n]
+                at += n
+        return out
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01, batch_size_fn=lambda calls: sum(
+        len(next(iter(c.values()))[0]) for c in calls))
+    async def score(self, calls: list[dict]) -> list[dict]:
+        """Each call: {stream: (global [B, D], local [B, P, D])}; returns {stream: [S', B]}."""
+        return await asyncio.to_thread(self._score, calls)
+
+
 api = FastAPI(title="vitad_ray anomaly detection", version=__version__, openapi_url=None,
               docs_url=None, redoc_url=None,
               description="Frame-level visual anomaly detection for one fixed camera scene: a "
@@ -284,6 +343,12 @@ _OPTIONS_SCHEMA = {
     "scope": {"type": "string", "enum": list(SCOPES)},
     "threshold": {"type": "number"}, "global_threshold": {"type": "number"},
     "patch_threshold": {"type": "number"},
+    "stream": {"type": "string", "maxLength": 128,
+               "description": "camera id: frames of one stream, sent in order, are scored with "
+                              "their past (motion, smoothing); without it, appearance alone"},
+    "frame_index": {"type": "integer", "minimum": 0,
+                    "description": "the first image's frame number in its stream (default: the "
+                                   "stream's next)"},
 }
 DETECT_BODY = {
     "requestBody": {"required": True, "content": {
@@ -332,8 +397,19 @@ class Ingress:
         self.has_global = [s["first"] == GLOBAL for s in info["shards"]]
         self.has_patches = [s["n_patches"] > 0 for s in info["shards"]]
         self._infer.set_max_batch_size(settings["batch"])
+        self._infer_streams.set_max_batch_size(settings["batch"])
         self.batch_wait_s, self.in_flight = settings["batch_wait_s"], 0
         self._schema: dict | None = None
+        self.crossclip = info["recipe"]["kind"] != "paper"
+        if self.crossclip:
+            from .detect.model import load_model
+
+            # Evidence scales and thresholds only: the shards hold the memories.
+            self.detector = load_model(info["model_dir"], scopes=slice(0, 0))
+            if "frame" in info["thresholds"]:
+                self.detector.threshold_ = float(info["thresholds"]["frame"])
+            self.streams = StreamRegistry(settings["max_streams"], settings["stream_idle_s"])
+            self._locks: dict[str, asyncio.Lock] = {}
 
     def _authorized(self, request: Request) -> bool:
         if not self.token:
@@ -350,6 +426,8 @@ class Ingress:
     async def model(self, request: Request):
         if not self._authorized(request):
             return _error(401, "missing or wrong bearer token")
+        if self.crossclip:
+            return {**self.info, "stream_state": self.streams.info()}
         return self.info
 
     @api.get("/openapi.json", include_in_schema=False)
@@ -371,29 +449,26 @@ class Ingress:
         try:
             images, opts = await self._parse(request)
             receive_ms = 1000 * (time.perf_counter() - start)
+            if self.crossclip:
+                self._check_stream_options(opts)
+            elif opts.stream is not None:
+                raise ApiError(422, "this model's recipe (paper) keeps no stream state; leave "
+                                    "out stream")
             if opts.method == "hdbscan" and not self.info["hdbscan"]:
                 raise ApiError(422, "this model was fitted without HDBSCAN; use method=kmeans")
-            thresholds = opts.thresholds(self.thresholds)
+            thresholds = None if self.crossclip else opts.thresholds(self.thresholds)
             t0 = time.perf_counter()
             frames = [decode_image(img, self.image_size, self.limits) for img in images]
             decode_ms = 1000 * (time.perf_counter() - t0)
         except ApiError as exc:
             return _error(exc.status, exc.reason)
-        # A lone frame goes straight through; with other requests in flight, wait a little so
-        # that their frames share the forward pass and the neighbour search.
-        self.in_flight += len(frames)
-        self._infer.set_batch_wait_timeout_s(self.batch_wait_s if self.in_flight > 1 else 0.0)
-        try:
-            answers = await asyncio.wait_for(asyncio.gather(
-                *(self._infer(f, opts.method, opts.scope) for f in frames)), self.timeout_s)
-        except asyncio.TimeoutError:
-            return _error(504, f"no answer from the backends within {self.timeout_s:.0f} s",
-                          retry=True)
-        except Exception as exc:  # a replica died or failed mid-request
-            return _error(503, f"a backend failed: {exc.__class__.__name__}: "
-                               f"{str(exc).splitlines()[0][:300] if str(exc) else ''}", retry=True)
-        finally:
-            self.in_flight -= len(frames)
+        if self.crossclip:
+            return await self._detect_streams(images, frames, opts, start, receive_ms, decode_ms)
+        answers = await self._backends(
+            len(frames), self._infer,
+            lambda: asyncio.gather(*(self._infer(f, opts.method, opts.scope) for f in frames)))
+        if isinstance(answers, JSONResponse):
+            return answers
         results = []
         for i, (img, (global_conf, patch_conf, timing)) in enumerate(zip(images, answers)):
             answer = frame_answer(i, img.name, opts, thresholds, self.grid, global_conf, patch_conf)
@@ -402,6 +477,116 @@ class Ingress:
             results.append(answer)
         return {"model_id": self.info["model_id"], "results": results,
                 "timings_ms": {"total": round(1000 * (time.perf_counter() - start), 3)}}
+
+    async def _backends(self, n_frames: int, batched, call):
+        """Awaits ``call()``: the answers, or the error response for a timeout (504) or a failed
+        replica (503). A lone frame goes straight through; with other requests in flight, the
+        batch waits a little so that their frames share the forward pass and the search."""
+        self.in_flight += n_frames
+        batched.set_batch_wait_timeout_s(self.batch_wait_s if self.in_flight > 1 else 0.0)
+        try:
+            return await asyncio.wait_for(call(), self.timeout_s)
+        except asyncio.TimeoutError:
+            return _error(504, f"no answer from the backends within {self.timeout_s:.0f} s",
+                          retry=True)
+        except ApiError:
+            raise
+        except Exception as exc:  # a replica died or failed mid-request
+            return _error(503, f"a backend failed: {exc.__class__.__name__}: "
+                               f"{str(exc).splitlines()[0][:300] if str(exc) else ''}", retry=True)
+        finally:
+            self.in_flight -= n_frames
+
+    def _check_stream_options(self, opts: DetectOptions) -> None:
+        recipe = self.info["recipe"]["name"]
+        if opts.method != "kmeans" or opts.scope != "both":
+            raise ApiError(422, f"this model's recipe ({recipe}) scores whole frames: leave out "
+                                "method and scope")
+        if opts.global_threshold is not None or opts.patch_threshold is not None:
+            raise ApiError(422, f"this model's recipe ({recipe}) has one frame threshold: use "
+                                "threshold")
+
+    async def _detect_streams(self, images, frames, opts: DetectOptions, start: float,
+                              receive_ms: float, decode_ms: float):
+        """Frames of one request scored by the Detector, with their stream's past when the
+        request names a stream. A stream's requests are scored one after the other, in the
+        order they arrive."""
+        key = opts.stream
+        lock = self._locks.setdefault(key, asyncio.Lock()) if key else None
+        if lock is not None:
+            await lock.acquire()
+        try:
+            state = self.streams.get(key, StreamState) if key else None
+            if state is not None:
+                first = opts.frame_index if opts.frame_index is not None else state.next_index
+                if state.frames_seen and first <= state.last_index:
+                    raise ApiError(409, f"frame_index {first} is not after stream {key!r}'s "
+                                        f"last frame {state.last_index}")
+                indices = list(range(first, first + len(frames)))
+            else:
+                indices = [None] * len(frames)
+            answers = await self._backends(len(frames), self._infer_streams, lambda: (
+                asyncio.gather(*(self._infer_streams(f, state, i)
+                                 for f, i in zip(frames, indices)))))
+        except ApiError as exc:
+            return _error(exc.status, exc.reason)
+        finally:
+            if lock is not None:
+                lock.release()
+                for gone in self.streams.evict():
+                    if gone in self._locks and not self._locks[gone].locked():
+                        del self._locks[gone]
+        if isinstance(answers, JSONResponse):
+            return answers
+        results = []
+        for i, (img, (det, row, timing), index) in enumerate(zip(images, answers, indices)):
+            answer = detection_answer(i, img.name, opts, det, row, self.grid, index)
+            answer["timings_ms"] = {"receive": round(receive_ms, 3),
+                                    "decode": round(decode_ms / len(images), 3), **timing}
+            results.append(answer)
+        return {"model_id": self.info["model_id"], "recipe": self.info["recipe"]["name"],
+                "results": results,
+                "timings_ms": {"total": round(1000 * (time.perf_counter() - start), 3)}}
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def _infer_streams(self, frames: list[np.ndarray], states: list, indices: list
+                             ) -> list[tuple]:
+        """Frames of concurrent requests through the embedder, the shards' searches and the
+        Detector's decision, each stream's frames in order against its state."""
+        det = self.detector
+        emb = await self.embedder.embed.remote(np.stack(frames))
+        g, loc = emb["global"], emb["local"]
+        groups: dict[int, list[int]] = {}
+        for i, st in enumerate(states):
+            groups.setdefault(id(st) if st is not None else 0, []).append(i)
+        call: dict[str, list] = {}
+        layout = []  # (group rows, state, {stream: (offset, n)})
+        for rows in groups.values():
+            state = states[rows[0]]
+            index = np.asarray([indices[i] if indices[i] is not None else 0 for i in rows])
+            queries = det.queries(g[rows], loc[rows], index, state)
+            spans = {}
+            for name, (qg, ql) in queries.items():
+                parts = call.setdefault(name, [])
+                spans[name] = (sum(len(p[0]) for p in parts), len(qg))
+                parts.append((qg, ql))
+            layout.append((rows, state, index, spans))
+        merged = {name: (np.concatenate([p[0] for p in parts]),
+                         np.concatenate([p[1] for p in parts])) for name, parts in call.items()}
+        t0 = time.perf_counter()
+        answers = await asyncio.gather(*(shard.score.remote(merged) for shard in self.shards))
+        search_ms = 1000 * (time.perf_counter() - t0)
+        scores = {name: np.concatenate([a[name] for a in answers]) for name in merged}
+        out: list = [None] * len(frames)
+        for rows, state, index, spans in layout:
+            mine = {name: scores[name][:, lo:lo + n] for name, (lo, n) in spans.items()}
+            detection = det.decide(mine, index, state, (g[rows], loc[rows]))
+            for j, i in enumerate(rows):
+                out[i] = (detection, j, {"embed": round(emb["ms"], 3),
+                                         "embed_batch": emb["batch"],
+                                         "score": round(search_ms, 3),
+                                         "score_batch": len(frames)})
+        return out
 
     async def _parse(self, request: Request) -> tuple[list[ImageInput], DetectOptions]:
         check_content_length(request.headers.get("content-length"), self.limits)
@@ -485,9 +670,19 @@ def _check_weights(doc: dict, weights: str | None) -> str | None:
     return weights
 
 
-def model_info(cfg: ServeConfig, doc: dict, groups: list[list[str]]) -> dict:
+def model_layers(doc: dict) -> tuple[int, ...]:
+    """The blocks the model was fitted on: those it selected from the embeddings, or all."""
     emb = doc["embeddings"]
+    return tuple(emb.get("selected_layers") or emb.get("layers") or ())
+
+
+def model_info(cfg: ServeConfig, doc: dict, groups: list[list[str]]) -> dict:
+    from .detect import recipe_from_model
+
+    emb = doc["embeddings"]
+    params = doc.get("params", {})
     return {
+        "recipe": recipe_from_model(doc).to_dict(),
         "model_id": model_id(doc),
         "model_dir": cfg.model_dir,
         "backbone": doc["backbone"],
@@ -495,8 +690,8 @@ def model_info(cfg: ServeConfig, doc: dict, groups: list[list[str]]) -> dict:
         "image_size": emb["image_size"], "patch_size": emb["patch_size"], "grid": emb["grid"],
         "num_patches": emb["num_patches"], "dim": emb["dim"],
         "scopes": 1 + emb["num_patches"], "train_frames": doc["train"]["n_frames"],
-        "hdbscan": bool(doc["params"].get("hdbscan")),
-        "methods": ["kmeans"] + (["hdbscan"] if doc["params"].get("hdbscan") else []),
+        "hdbscan": bool(params.get("hdbscan")),
+        "methods": ["kmeans"] + (["hdbscan"] if params.get("hdbscan") else []),
         "thresholds": effective_thresholds(doc, cfg.thresholds),
         "index": cfg.index,
         "shards": [{"index": i, "first": g[0], "last": g[-1], "n_scopes": len(g),
@@ -528,7 +723,7 @@ def build_app(cfg: ServeConfig):
     if cfg.index not in ("exact", "chroma"):
         raise ValueError(f"index must be exact or chroma, got {cfg.index!r}")
     weights = _check_weights(doc, cfg.weights)
-    n_shards = cfg.shards or len(doc["shards"])
+    n_shards = cfg.shards or max(1, len(doc["shards"]))
     num_patches = int(doc["embeddings"]["num_patches"])
     if not 1 <= n_shards <= 1 + num_patches:
         raise ValueError(f"shards must be between 1 and {1 + num_patches}, got {n_shards}")
@@ -541,18 +736,24 @@ def build_app(cfg: ServeConfig):
         num_replicas=cfg.embed_replicas, max_ongoing_requests=4 * cfg.embed_batch,
         ray_actor_options=_replica_options(cfg, cfg.embed_cpus, 1 if gpu else 0),
     ).bind(doc["backbone"], weights, int(doc["embeddings"]["image_size"]), cfg.embed_threads,
-           cfg.embed_batch, backend_wait_s, tuple(doc["embeddings"].get("layers") or ()),
+           cfg.embed_batch, backend_wait_s, model_layers(doc),
            cfg.embed_trace)
-    shards = [ScopeShard.options(
-        name=f"ScopeShard{i}", num_replicas=cfg.shard_replicas,
-        max_ongoing_requests=4 * cfg.shard_batch,
-        ray_actor_options=_replica_options(cfg, cfg.shard_cpus),
-    ).bind(cfg.model_dir, group, cfg.index, cfg.shard_threads,
-           max(cfg.shard_batch, cfg.embed_batch), backend_wait_s, cfg.projected_search)
-        for i, group in enumerate(groups)]
+    shard_options = dict(num_replicas=cfg.shard_replicas, max_ongoing_requests=4 * cfg.shard_batch,
+                         ray_actor_options=_replica_options(cfg, cfg.shard_cpus))
+    shard_batch = max(cfg.shard_batch, cfg.embed_batch)
+    if info["recipe"]["kind"] == "paper":
+        shards = [ScopeShard.options(name=f"ScopeShard{i}", **shard_options).bind(
+            cfg.model_dir, group, cfg.index, cfg.shard_threads, shard_batch, backend_wait_s,
+            cfg.projected_search) for i, group in enumerate(groups)]
+    else:
+        bounds = np.cumsum([0] + [len(g) for g in groups])
+        shards = [DetectorShard.options(name=f"DetectorShard{i}", **shard_options).bind(
+            cfg.model_dir, int(bounds[i]), int(bounds[i + 1]), cfg.shard_threads, shard_batch,
+            backend_wait_s) for i in range(len(groups))]
     settings = {"token": token, "limits": dataclasses.asdict(cfg.limits),
                 "request_timeout_s": cfg.request_timeout_s, "batch": cfg.embed_batch,
-                "batch_wait_s": wait_s, "by_value": cfg.by_value}
+                "batch_wait_s": wait_s, "by_value": cfg.by_value,
+                "max_streams": cfg.max_streams, "stream_idle_s": cfg.stream_idle_s}
     return Ingress.options(
         num_replicas=cfg.ingress_replicas, max_ongoing_requests=256,
         ray_actor_options=_replica_options(cfg, cfg.ingress_cpus),

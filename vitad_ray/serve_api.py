@@ -48,6 +48,8 @@ class DetectOptions:
     threshold: float | None = None          # both global and patch threshold
     global_threshold: float | None = None
     patch_threshold: float | None = None
+    stream: str | None = None               # camera id: frames of one stream keep state
+    frame_index: int | None = None          # of the first image (default: the stream's next)
 
     def thresholds(self, defaults: dict) -> dict:
         """{"global": t, "patch": t} for this request's method, overrides applied."""
@@ -81,7 +83,75 @@ def parse_options(fields: dict) -> DetectOptions:
     for key in ("threshold", "global_threshold", "patch_threshold"):
         if fields.get(key) is not None:
             setattr(opts, key, _threshold(key, fields[key]))
+    stream = fields.get("stream")
+    if stream is not None:
+        stream = str(stream)
+        if not 1 <= len(stream) <= MAX_STREAM_ID or not stream.isprintable():
+            raise ApiError(422, f"stream must be 1 to {MAX_STREAM_ID} printable characters")
+        opts.stream = stream
+    if fields.get("frame_index") is not None:
+        if opts.stream is None:
+            raise ApiError(422, "frame_index needs a stream")
+        try:
+            opts.frame_index = int(str(fields["frame_index"]))
+        except ValueError:
+            raise ApiError(422, f"frame_index must be an integer, got "
+                                f"{fields['frame_index']!r}") from None
+        if opts.frame_index < 0:
+            raise ApiError(422, "frame_index must be >= 0")
     return opts
+
+
+MAX_STREAM_ID = 128
+
+
+class StreamRegistry:
+    """The state of every stream an ingress replica has seen: bounded in number, forgotten
+    after ``idle_s`` without a frame (a stream that comes back starts afresh, as a clip does).
+    Ray-free, so its bounds can be tested on their own."""
+
+    def __init__(self, max_streams: int = 1024, idle_s: float = 300.0, clock=None):
+        import time
+        from collections import OrderedDict
+
+        self.max_streams, self.idle_s = max_streams, idle_s
+        self.clock = clock or time.monotonic
+        self._states: OrderedDict = OrderedDict()
+        self.evicted = 0
+
+    def get(self, key: str, new):
+        """The stream's state (made by ``new()`` the first time); marks it used."""
+        self.evict()
+        state = self._states.pop(key, None)
+        if state is None:
+            state = new()
+        state.last_used = self.clock()
+        self._states[key] = state  # most recently used last
+        while len(self._states) > self.max_streams:
+            self._states.popitem(last=False)
+            self.evicted += 1
+        return state
+
+    def evict(self) -> list[str]:
+        """Forget the streams idle for longer than ``idle_s``."""
+        now, gone = self.clock(), []
+        for key, state in list(self._states.items()):
+            if now - state.last_used > self.idle_s:
+                del self._states[key]
+                gone.append(key)
+        self.evicted += len(gone)
+        return gone
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._states
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def info(self) -> dict:
+        return {"streams": len(self._states),
+                "state_bytes": int(sum(s.nbytes for s in self._states.values())),
+                "max_streams": self.max_streams, "idle_s": self.idle_s, "evicted": self.evicted}
 
 
 def _threshold(key: str, value) -> float:
@@ -191,6 +261,24 @@ def decode_image(image: ImageInput, size: int, limits: Limits) -> np.ndarray:
     if pixels.size == 0:
         raise ApiError(422, f"{image.name} has no pixels")
     return resize_frame(pixels, size)
+
+
+def detection_answer(index: int, name: str, opts: DetectOptions, det, row: int, grid: int,
+                     frame_index: int | None) -> dict:
+    """The answer for one image scored by a cross-clip Detector (``det``: the ``Detection`` of
+    its batch, ``row`` its place there); the same numbers `vitad score` writes."""
+    threshold = float(opts.threshold) if opts.threshold is not None else det.threshold
+    score = float(det.frame_score[row])
+    out = {"index": index, "name": name, "stream": opts.stream, "frame_index": frame_index,
+           "frame_score": score, "threshold": threshold, "anomalous": bool(score >= threshold),
+           "evidence": {k: float(v[row]) for k, v in det.evidence.items()},
+           "fired": [k for k, v in det.evidence.items() if v[row] >= threshold],
+           "grid": det.patch_scores[row].reshape(grid, grid).astype(float).tolist(),
+           "stateful": det.stateful}
+    if not det.stateful:
+        out["note"] = ("no stream named: scored by the recipe's appearance part alone; name a "
+                       "stream to add motion and smoothing")
+    return out
 
 
 def frame_answer(index: int, name: str, opts: DetectOptions, thresholds: dict, grid: int,

@@ -1,0 +1,160 @@
+"""Fitting a cross-clip Detector into a model directory with Ray tasks.
+
+Work unit: one stream's range of scopes (leave-one-clip-out neighbours, local density and
+calibration, ``CrossClipNormality``). A stream's training vectors go into the object store once;
+tasks read their slice zero-copy. A finished stream is written whole with a marker, so an
+interrupted fit resumes at the first stream without one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..crossclip import CrossClipNormality
+from ..progress import Progress
+from .detector import Detector, loo_groups, stream_names
+from .recipe import Recipe
+from .state import DETECTOR_DIR, load_detector, save_stream, save_train_frames, stream_done
+
+
+def fit_scope_range(train: np.ndarray, lo: int, hi: int, groups: np.ndarray, recipe: dict
+                    ) -> dict:
+    """One task: scopes lo:hi of one stream. Returns their arrays (state_, train scores)."""
+    import torch
+
+    torch.set_num_threads(1)
+    r = Recipe.from_dict(recipe)
+    est = CrossClipNormality(m=r.m, coreset=r.coreset).fit(train[lo:hi], groups)
+    return {"lo": lo, "hi": hi, "loc_dens": est.loc_dens_, "mu": est.mu_, "sigma": est.sigma_,
+            "ref_sorted": est.ref_sorted_, "train_scores": est.train_scores(r.calibration),
+            "memory": None if r.coreset is None else est.memory_}
+
+
+def signature(emb_meta: dict, frame_ids: list[str], recipe: Recipe) -> str:
+    h = hashlib.sha256()
+    h.update(f"{emb_meta['backbone']}|{emb_meta['weights_sha256']}|{emb_meta.get('layers')}|"
+             f"{emb_meta['image_size']}|".encode())
+    h.update("\n".join(frame_ids).encode())
+    fitted = {k: v for k, v in recipe.to_dict().items()
+              if k in ("calibration", "m", "coreset", "loo_min_clips", "loo_segment_s")}
+    h.update(json.dumps(fitted, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def fit_streams(emb, model_dir: str | Path, recipe: Recipe, scope_chunk: int = 32,
+                show_progress: bool = True) -> tuple[Detector, dict]:
+    """Fit (or resume) every stream of ``recipe`` on training embeddings ``emb``; returns the
+    fitted Detector and what was done."""
+    import ray
+
+    from ..fit import stack_scopes
+
+    model_dir = Path(model_dir)
+    ids = emb.ids
+    order = np.lexsort((ids["frame_index"].to_numpy(), ids["clip"].to_numpy()))
+    clips = ids["clip"].to_numpy()[order]
+    index = ids["frame_index"].to_numpy()[order]
+    groups = loo_groups(clips, index, ids["timestamp_s"].to_numpy()[order], recipe)
+    frame_ids = ids["frame_id"].to_numpy()[order].tolist()
+    sig = signature(emb.metadata, frame_ids, recipe)
+    det = Detector(recipe)
+    task = ray.remote(num_cpus=1, max_retries=3)(fit_scope_range)
+    n_scopes = 1 + emb.local.shape[1]
+    done, fitted = [], []
+    progress = Progress("fit", total=n_scopes * len(stream_names(recipe)), enabled=show_progress)
+    for name, (g, loc) in det.training_streams(emb.global_[order], emb.local[order], clips, index):
+        if stream_done(model_dir, name, sig):
+            done.append(name)
+            progress.update(n_scopes, f"stream {name} already fitted")
+            continue
+        train = stack_scopes(g, loc)
+        ref = ray.put(train)
+        pending = [task.remote(ref, lo, min(n_scopes, lo + scope_chunk), groups,
+                               recipe.to_dict()) for lo in range(0, n_scopes, scope_chunk)]
+        arrays = {}
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            part = ray.get(ready[0])
+            for key, value in part.items():
+                if key in ("lo", "hi") or value is None:
+                    continue
+                if key not in arrays:
+                    arrays[key] = np.empty((n_scopes, *value.shape[1:]), value.dtype)
+                arrays[key][part["lo"]:part["hi"]] = value
+            progress.update(part["hi"] - part["lo"], f"stream {name}")
+        arrays.setdefault("memory", train)
+        save_stream(model_dir, name, arrays, sig)
+        fitted.append(name)
+        del ref, train, arrays
+    progress.close()
+    frames = pd.DataFrame({"frame_id": frame_ids, "clip": clips, "frame_index": index,
+                           "loo_group": groups})
+    save_train_frames(model_dir, frames)
+    det = load_detector(model_dir, recipe)
+    frames["frame_score"] = det.train_scores_.astype(np.float32)
+    frames["appearance_score"] = det.train_scores_appearance_.astype(np.float32)
+    save_train_frames(model_dir, frames)
+    return det, {"fitted": fitted, "resumed": done, "signature": sig,
+                 "loo_groups": int(len(np.unique(groups))),
+                 "detector_dir": str(model_dir / DETECTOR_DIR)}
+
+
+def fit_detector_model(emb_dir: str | Path, model_dir: str | Path, recipe: Recipe,
+                       train_splits: tuple[str, ...] = ("train",), show_progress: bool = True
+                       ) -> dict:
+    """Load the training frames of an embeddings folder, fit the recipe's streams, write
+    ``model.json``; returns what was done."""
+    from ..embeddings import load_embeddings, select_layers
+    from ..modeldir import write_model_json
+    from ..versions import package_versions
+    from .recipe import embedding_layers
+
+    start = time.perf_counter()
+    model_dir = Path(model_dir)
+    emb = load_embeddings(emb_dir, splits=list(train_splits))
+    if len(emb) < 3:
+        raise ValueError(f"{emb_dir}: {len(emb)} training frames in splits {list(train_splits)}; "
+                         "need at least 3")
+    layers = embedding_layers(recipe, emb.metadata)
+    if layers:
+        emb = select_layers(emb, layers)
+    meta = emb.metadata
+    model_dir.mkdir(parents=True, exist_ok=True)
+    det, done = fit_streams(emb, model_dir, recipe, show_progress=show_progress)
+    previous = {}
+    if (model_dir / "model.json").exists():
+        previous = json.loads((model_dir / "model.json").read_text())
+    thresholds = {"frame": det.threshold_, "appearance": det.threshold_appearance_,
+                  "target_fpr": det.target_fpr_, "source": f"label-free@fpr={det.target_fpr_:g}"}
+    if previous.get("recipe") == recipe.to_dict() and \
+            previous.get("thresholds", {}).get("source", "").startswith(("calibration", "user")):
+        thresholds = previous["thresholds"]  # a re-run keeps thresholds set after the fit
+    memory = sum((model_dir / DETECTOR_DIR / n / "memory.npy").stat().st_size
+                 for n, _ in stream_names(recipe))
+    doc = {
+        "format": 2,
+        "backbone": meta["backbone"],
+        "embeddings": {"path": str(Path(emb_dir).resolve()),
+                       **{k: meta[k] for k in ("weights", "weights_sha256", "dim", "num_patches",
+                                               "grid", "image_size", "patch_size", "global_pool")},
+                       "layers": list(meta.get("layers", [])),
+                       "selected_layers": list(layers)},
+        "recipe": recipe.to_dict(),
+        "train": {"splits": list(train_splits), "clips": sorted(map(str, emb.ids["clip"].unique())),
+                  "n_frames": len(emb), "loo_groups": done["loo_groups"]},
+        "detector": {"streams": [n for n, _ in stream_names(recipe)], "memory_bytes": memory,
+                     "signature": done["signature"],
+                     "train_fpr_at_threshold": float((det.train_scores_ >= det.threshold_).mean())},
+        "shards": [],
+        "thresholds": thresholds,
+        "versions": package_versions(),
+        "fit_seconds": round(time.perf_counter() - start, 2),
+    }
+    write_model_json(model_dir, doc)
+    return {**done, "seconds": time.perf_counter() - start, "threshold": thresholds["frame"]}

@@ -1,0 +1,96 @@
+"""A Detector's fitted state in the model directory: plain arrays, never pickle.
+
+    detector/<stream>/memory.npy        [S, K, D] float32: the vectors a query is searched against
+    detector/<stream>/loc_dens.npy      [S, K]    leave-one-clip-out local density
+    detector/<stream>/mu.npy, sigma.npy [S]       z-score calibration
+    detector/<stream>/ref_sorted.npy    [S, N]    the ECDF calibration's reference
+    detector/<stream>/train_scores.npy  [S, N]    training frames scored leave-one-clip-out
+    detector/train_frames.parquet       the training frames (clip, frame_index, LOO group) and
+                                        their frame scores, sorted by clip and time
+
+The evidence scales and label-free thresholds are recomputed from these on load (the same
+arithmetic as at fit), so the arrays are the one source of truth; ``model.json`` keeps the
+threshold in force.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..crossclip import CrossClipNormality
+from .detector import Detector, stream_names
+from .recipe import Recipe
+
+DETECTOR_DIR = "detector"
+TRAIN_FRAMES = "train_frames.parquet"
+ARRAYS = ("memory", "loc_dens", "mu", "sigma", "ref_sorted", "train_scores")
+DONE = "done.json"
+
+
+def stream_dir(model_dir: str | os.PathLike, stream: str) -> Path:
+    return Path(model_dir) / DETECTOR_DIR / stream
+
+
+def save_array(path: Path, value: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        np.save(fh, np.asarray(value), allow_pickle=False)
+    os.replace(tmp, path)
+
+
+def save_stream(model_dir, stream: str, arrays: dict[str, np.ndarray], signature: str) -> None:
+    """Every array of a stream, then its marker: a stream with a marker is whole."""
+    folder = stream_dir(model_dir, stream)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ARRAYS:
+        save_array(folder / f"{name}.npy", arrays[name])
+    tmp = folder / f".{DONE}.tmp"
+    tmp.write_text(json.dumps({"signature": signature, "shape": list(arrays["memory"].shape)}))
+    os.replace(tmp, folder / DONE)
+
+
+def stream_done(model_dir, stream: str, signature: str) -> bool:
+    marker = stream_dir(model_dir, stream) / DONE
+    return marker.exists() and json.loads(marker.read_text()).get("signature") == signature
+
+
+def save_train_frames(model_dir, frames: pd.DataFrame) -> None:
+    path = Path(model_dir) / DETECTOR_DIR / TRAIN_FRAMES
+    tmp = path.with_name(f".{path.name}.tmp")
+    frames.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def load_detector(model_dir: str | os.PathLike, recipe: Recipe, device: str | None = None,
+                  scopes: slice = slice(None), mmap: bool = False) -> Detector:
+    """The fitted Detector of a model directory. ``scopes``: only these scopes' memories are
+    read (a serving shard's range); ``mmap``: memories stay memory-mapped until searched."""
+    model_dir = Path(model_dir)
+    frames = pd.read_parquet(model_dir / DETECTOR_DIR / TRAIN_FRAMES,
+                             columns=["clip", "frame_index"])
+    states, loo = {}, {}
+    for name, _ in stream_names(recipe):
+        folder = stream_dir(model_dir, name)
+        if not (folder / DONE).exists():
+            raise FileNotFoundError(f"{model_dir}: stream {name} was not fitted whole; re-run "
+                                    "`vitad fit` with the same arguments to finish it")
+
+        def read(array: str, whole: bool = False):
+            value = np.load(folder / f"{array}.npy", allow_pickle=False,
+                            mmap_mode="r" if mmap or not whole else None)
+            return value if whole else value[scopes] if mmap else np.array(value[scopes])
+
+        memory = read("memory")
+        states[name] = CrossClipNormality.from_state(
+            memory, read("loc_dens"), read("mu"), read("sigma"), read("ref_sorted"),
+            m=recipe.m, device=device)
+        # Evidence scales need every scope's training scores, whatever the shard holds.
+        loo[name] = read("train_scores", whole=True)
+    det = Detector(recipe, device)
+    return det.set_fitted(states, loo, frames["clip"].to_numpy(),
+                          frames["frame_index"].to_numpy())
