@@ -1,6 +1,8 @@
-"""k-Means scoring throughput of a fitted model, three ways, plus fit time and sizes.
+"""k-Means scoring throughput of a fitted model, three ways, plus fit time and sizes; and, side
+by side in the same run, a cross-clip recipe's model scoring the same frames.
 
-    python bench/score_throughput.py MODEL_DIR EMB_DIR [--frames 512] [--sequential-frames 4]
+    python bench/score_throughput.py MODEL_DIR EMB_DIR [--frames 512] [--sequential-frames 4] \
+        [--recipe-model DEFAULT_MODEL_DIR --recipe-embeddings ITS_EMB_DIR]
 
 1. sequential: one Chroma query per frame per scope (the paper's way);
 2. batched Chroma: one HNSW query per scope for a whole batch of frames;
@@ -55,6 +57,36 @@ def disk_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+def recipe_throughput(args, frame_ids: list[str], paper_fps: float) -> dict:
+    """The recipe model's Detector on the same frames (clips as streams, in time order)."""
+    from vitad_ray.detect.model import load_model
+    from vitad_ray.detect.offline import score_frames
+    from vitad_ray.embeddings import select_layers
+
+    doc = read_model_json(args.recipe_model)
+    emb = load_embeddings(args.recipe_embeddings or args.embeddings,
+                          splits=[args.split] if args.split else None)
+    emb = emb.select(emb.ids["frame_id"].isin(frame_ids).to_numpy())
+    if doc["embeddings"].get("selected_layers"):
+        emb = select_layers(emb, tuple(doc["embeddings"]["selected_layers"]))
+    t0 = time.perf_counter()
+    det = load_model(args.recipe_model)
+    load_s = time.perf_counter() - t0
+    score_frames(det, emb.ids.iloc[:8], emb.global_[:8], emb.local[:8])  # warm-up
+    secs, _ = timed(lambda: score_frames(det, emb.ids, emb.global_, emb.local,
+                                         chunk=args.batch_size), 2)
+    fps = len(emb) / secs
+    size = disk_size(Path(args.recipe_model))
+    print(f"\nrecipe {doc['recipe']['name']} ({args.recipe_model}): {len(emb)} frames, "
+          f"{fps:,.1f} frames/s ({fps / paper_fps:.2f}x the paper's batched exact), streams "
+          f"{', '.join(doc['detector']['streams'])}, {1 + emb.local.shape[1]} scopes x "
+          f"{doc['train']['n_frames']} training vectors x {emb.global_.shape[1]} dims; "
+          f"load {load_s:.1f}s; model directory {size / 2**20:.1f} MiB; fit "
+          f"{doc.get('fit_seconds', float('nan')):.1f}s")
+    return {"recipe": doc["recipe"]["name"], "recipe_frames_per_s": fps,
+            "recipe_model_dir_bytes": size, "recipe_fit_seconds": doc.get("fit_seconds")}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("model")
@@ -64,6 +96,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--sequential-frames", type=int, default=4)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--recipe-model", help="a cross-clip recipe's model directory: its Detector "
+                                           "scores the same frames, each clip as a stream")
+    ap.add_argument("--recipe-embeddings", help="its embeddings folder (default: EMB_DIR)")
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args()
 
@@ -141,6 +176,9 @@ def main() -> None:
     print(f"model directory: {size / 2**20:.1f} MiB (Chroma {chroma_size / 2**20:.1f} MiB, "
           f"HDBSCAN state {hd_size / 2**20:.1f} MiB; raw float32 training vectors "
           f"{raw / 2**20:.1f} MiB)")
+    if args.recipe_model:
+        results.update(recipe_throughput(args, emb.ids["frame_id"].iloc[:n].tolist(),
+                                         results["local+global / batched exact"]))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
     print(f"peak RSS of this scoring process: {peak:.0f} MiB; exact index load "
           f"{results['load_exact_s']:.1f}s")

@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _choices(args, default: str, recipes=None):
     """The backbones to embed with and their features: --image-size / --layers, else what the
-    recipes need (one pass gives every block they use)."""
+    recipes need (one pass gives every block they use; the recipes share one image size)."""
     from .backbones import get_spec, parse_layers
     from .detect import DEFAULT
     from .embed import BackboneChoice
@@ -175,10 +175,7 @@ def _choices(args, default: str, recipes=None):
     weights = weights + [None] * (len(names) - len(weights))
     recipes = recipes or [DEFAULT]
     sizes = {r.image_size for r in recipes if r.image_size is not None}
-    if args.image_size is None and len(sizes) > 1:
-        raise SystemExit(f"the recipes need different image sizes {sorted(sizes)}; evaluate "
-                         "them in separate runs")
-    size = args.image_size or (sizes.pop() if sizes else None)
+    size = args.image_size or (sizes.pop() if len(sizes) == 1 else None)
     out = []
     for n, w in zip(names, weights):
         depth = get_spec(n).depth
@@ -190,6 +187,16 @@ def _choices(args, default: str, recipes=None):
             layers = () if layers == (depth,) else layers
         out.append(BackboneChoice(n, w, size, layers))
     return out
+
+
+def _feature_groups(args, recipes) -> list[tuple[str, list]]:
+    """(embeddings folder name, recipes) per image size the recipes need, the first recipe's
+    size first: each size is embedded once, with every block its recipes use."""
+    groups: dict = {}
+    for r in recipes:
+        groups.setdefault(args.image_size or r.image_size, []).append(r)
+    return [("embeddings" if i == 0 else f"embeddings-{size}px", rs)
+            for i, (size, rs) in enumerate(groups.items())]
 
 
 def _items(args) -> list[dict]:
@@ -421,25 +428,33 @@ def run_pipeline(args, items: list[dict], default_backbone: str,
     from .score import score_embeddings
 
     recipes = [_recipe(args, r) for r in (args.recipes or default_recipes)]
+    if args.image_size:
+        recipes = [r.replace(image_size=args.image_size) for r in recipes]
     names = [r.name for r in recipes]
     if len(set(names)) != len(names):
         raise SystemExit(f"recipes named twice: {names}")
-    choices = _choices(args, default_backbone, recipes)
+    groups = [(folder, rs, _choices(args, default_backbone, rs))
+              for folder, rs in _feature_groups(args, recipes)]
     init_ray(args.address, args.num_cpus)
     out = Path(args.out)
     timings = {}
-    t = time.perf_counter()
-    emb = run_embedding(items, choices, out / "embeddings", batch_size=args.batch_size,
-                        actors_per_backbone=args.actors)
-    timings["embed"] = time.perf_counter() - t
-    _say(f"[1/4] embedded {emb.written} frames ({emb.already_present} already present, "
-         f"{len(emb.errors)} skipped) in {timings['embed']:.1f}s -> {out / 'embeddings'}")
+    for folder, _, choices in groups:
+        t = time.perf_counter()
+        emb = run_embedding(items, choices, out / folder, batch_size=args.batch_size,
+                            actors_per_backbone=args.actors)
+        timings[f"embed {folder}"] = time.perf_counter() - t
+        _say(f"[1/4] embedded {emb.written} frames ({emb.already_present} already present, "
+             f"{len(emb.errors)} skipped) in {timings[f'embed {folder}']:.1f}s at "
+             f"{choices[0].spec.image_size} px, blocks "
+             f"{list(choices[0].layers) or 'last'} -> {out / folder}")
     summaries, evaluations = {}, []
     files = frame_files(items, getattr(args, "manifest", None))
-    for choice in choices:
-        emb_dir = out / "embeddings" / choice.name
+    emb_dirs = {(c.name, r.name): out / folder / c.name
+                for folder, rs, choices in groups for c in choices for r in rs}
+    for choice in groups[0][2]:
         results, scored = {}, {}
         for recipe in recipes:
+            emb_dir = emb_dirs[(choice.name, recipe.name)]
             key = f"{choice.name}/{recipe.name}"
             model_dir = out / "models" / choice.name / recipe.name
             t = time.perf_counter()

@@ -42,8 +42,19 @@ def loo_clip_neighbors(queries: np.ndarray, query_clips: np.ndarray, memory: np.
     dist = np.empty((n_scopes, n_q, k), np.float32)
     rows = np.empty((n_scopes, n_q, k), np.int64)
     if query_clips.ndim == 1 and memory_clips.ndim == 1:
+        import torch
+
+        memory_t = torch.from_numpy(memory)
+        sqnorm = (memory_t ** 2).sum(-1)
         for clip in np.unique(query_clips):
             q_rows = np.flatnonzero(query_clips == clip)
+            own = np.flatnonzero(memory_clips == clip)
+            if len(own) and own[-1] - own[0] + 1 == len(own):
+                # The clip's rows are one run (frames sorted by clip): masked, not copied out.
+                d, r = knn_stacked(queries[:, q_rows], memory_t, k=k, train_sqnorm=sqnorm,
+                                   device=device, exclude=(int(own[0]), int(own[-1]) + 1))
+                dist[:, q_rows], rows[:, q_rows] = d, r
+                continue
             keep = np.flatnonzero(memory_clips != clip)
             d, r = knn_stacked(queries[:, q_rows], memory[:, keep], k=k, device=device)
             dist[:, q_rows], rows[:, q_rows] = d, keep[r]

@@ -45,11 +45,13 @@ def _nearest_candidates(train, queries, cand, k: int, scope_ix=None):
 
 
 def knn_stacked(queries: np.ndarray, train: np.ndarray, k: int = 1, train_sqnorm=None,
-                device: str | None = None, scope_chunk: int = 32):
+                device: str | None = None, scope_chunk: int = 32,
+                exclude: tuple[int, int] | None = None):
     """k nearest training vectors for every query of every scope.
 
     queries [S, B, D], train [S, N, D] (float32). Returns (dist [S, B, k], index [S, B, k]) with
-    true Euclidean distances, nearest first.
+    true Euclidean distances, nearest first. ``exclude``: a range of training rows [lo, hi) no
+    query may take (its own clip, leave-one-clip-out) without copying the rest.
     """
     import torch
 
@@ -57,7 +59,7 @@ def knn_stacked(queries: np.ndarray, train: np.ndarray, k: int = 1, train_sqnorm
     queries = np.asarray(queries, np.float32)
     train_t = train if isinstance(train, torch.Tensor) else torch.from_numpy(np.asarray(train, np.float32))
     n_scopes, n_train = train_t.shape[0], train_t.shape[1]
-    k = min(k, n_train)
+    k = min(k, n_train - (exclude[1] - exclude[0] if exclude else 0))
     if train_sqnorm is None:
         train_sqnorm = (train_t.float() ** 2).sum(-1)
     dist_out = np.empty((n_scopes, queries.shape[1], k), np.float32)
@@ -70,6 +72,8 @@ def knn_stacked(queries: np.ndarray, train: np.ndarray, k: int = 1, train_sqnorm
             # |x|^2 - 2 q.x ranks neighbours like the squared distance (|q|^2 is constant per row).
             rank = torch.baddbmm(train_sqnorm[lo:hi].to(dev).unsqueeze(1), q, x.transpose(1, 2),
                                  alpha=-2.0)
+            if exclude is not None:
+                rank[..., exclude[0]:exclude[1]] = float("inf")
             # The ranking carries float32 cancellation error, so near-ties can come out in
             # either order: take a few spare candidates and order them by exact distance. The
             # nearest vector then no longer depends on k, the batch shape or the thread count.

@@ -69,6 +69,24 @@ def loo_groups(clips: np.ndarray, frame_index: np.ndarray, timestamp_s: np.ndarr
     return groups
 
 
+def training_frames(emb, recipe: Recipe):
+    """(embeddings [S, N, D], clips [N], frame_index [N], leave-one-clip-out groups [N]) of the
+    training frames, sorted by clip and time (no copy beyond the scope-major one where they
+    are sorted already)."""
+    from ..fit import stack_scopes
+
+    ids = emb.ids
+    clips_all, index_all = ids["clip"].to_numpy(), ids["frame_index"].to_numpy()
+    order = np.lexsort((index_all, clips_all))
+    if np.array_equal(order, np.arange(len(order))):
+        stacked = stack_scopes(emb.global_, emb.local)
+    else:
+        stacked = stack_scopes(emb.global_[order], emb.local[order])
+    clips, index = clips_all[order], index_all[order]
+    groups = loo_groups(clips, index, ids["timestamp_s"].to_numpy()[order], recipe)
+    return stacked, clips, index, groups
+
+
 def motion_vectors(x: np.ndarray, frame_index: np.ndarray, lag: int, n_past: int = 0
                    ) -> np.ndarray:
     """x[t] - x[latest frame at or before t - lag] for the rows of one stream in time order;
@@ -149,34 +167,29 @@ class Detector(BaseEstimator):
     # --- fit --------------------------------------------------------------------------------
     def fit(self, emb, y=None) -> "Detector":
         """emb: training ``Embeddings`` (frames of normal video, any clip order)."""
-        from ..fit import stack_scopes
-
-        ids = emb.ids
-        order = np.lexsort((ids["frame_index"].to_numpy(), ids["clip"].to_numpy()))
-        clips = ids["clip"].to_numpy()[order]
-        index = ids["frame_index"].to_numpy()[order]
-        groups = loo_groups(clips, index, ids["timestamp_s"].to_numpy()[order], self.recipe)
+        stacked, clips, index, groups = training_frames(emb, self.recipe)
         states, loo = {}, {}
-        for name, x in self.training_streams(emb.global_[order], emb.local[order], clips, index):
+        for name, x in self.training_streams(stacked, clips, index):
             est = CrossClipNormality(m=self.recipe.m, coreset=self.recipe.coreset,
-                                     device=self.device).fit(stack_scopes(*x), groups)
+                                     device=self.device).fit(x, groups)
             states[name] = est
             loo[name] = est.train_scores(self.recipe.calibration)
         return self.set_fitted(states, loo, clips, index)
 
-    def training_streams(self, global_: np.ndarray, local: np.ndarray, clips: np.ndarray,
-                         index: np.ndarray):
-        """(stream name, (global [N, D], local [N, P, D])) of frames sorted by clip and time."""
+    def training_streams(self, stacked: np.ndarray, clips: np.ndarray, index: np.ndarray):
+        """(stream name, vectors [S, N, D]) from the training frames' embeddings [S, N, D],
+        frames sorted by clip and time; one stream's array at a time."""
         for name, lag in stream_names(self.recipe):
             if not lag:
-                yield name, (global_, local)
+                yield name, stacked
                 continue
-            g, loc = np.empty_like(global_), np.empty_like(local)
+            out = np.empty_like(stacked)
             for clip in np.unique(clips):
                 rows = np.flatnonzero(clips == clip)
-                g[rows] = motion_vectors(global_[rows], index[rows], lag)
-                loc[rows] = motion_vectors(local[rows], index[rows], lag)
-            yield name, (g, loc)
+                prev = rows[past_rows(index[rows], lag)]
+                out[:, rows] = stacked[:, rows] - stacked[:, prev]
+            yield name, out
+            del out
 
     def set_fitted(self, states: dict[str, CrossClipNormality], loo: dict[str, np.ndarray],
                    clips: np.ndarray, index: np.ndarray) -> "Detector":

@@ -18,7 +18,7 @@ import pandas as pd
 
 from ..crossclip import CrossClipNormality
 from ..progress import Progress
-from .detector import Detector, loo_groups, stream_names
+from .detector import Detector, stream_names, training_frames
 from .recipe import Recipe
 from .state import DETECTOR_DIR, load_detector, save_stream, save_train_frames, stream_done
 
@@ -53,27 +53,22 @@ def fit_streams(emb, model_dir: str | Path, recipe: Recipe, scope_chunk: int = 3
     fitted Detector and what was done."""
     import ray
 
-    from ..fit import stack_scopes
-
     model_dir = Path(model_dir)
     ids = emb.ids
     order = np.lexsort((ids["frame_index"].to_numpy(), ids["clip"].to_numpy()))
-    clips = ids["clip"].to_numpy()[order]
-    index = ids["frame_index"].to_numpy()[order]
-    groups = loo_groups(clips, index, ids["timestamp_s"].to_numpy()[order], recipe)
     frame_ids = ids["frame_id"].to_numpy()[order].tolist()
+    stacked, clips, index, groups = training_frames(emb, recipe)
     sig = signature(emb.metadata, frame_ids, recipe)
     det = Detector(recipe)
     task = ray.remote(num_cpus=1, max_retries=3)(fit_scope_range)
-    n_scopes = 1 + emb.local.shape[1]
+    n_scopes = stacked.shape[0]
     done, fitted = [], []
     progress = Progress("fit", total=n_scopes * len(stream_names(recipe)), enabled=show_progress)
-    for name, (g, loc) in det.training_streams(emb.global_[order], emb.local[order], clips, index):
+    for name, train in det.training_streams(stacked, clips, index):
         if stream_done(model_dir, name, sig):
             done.append(name)
             progress.update(n_scopes, f"stream {name} already fitted")
             continue
-        train = stack_scopes(g, loc)
         ref = ray.put(train)
         pending = [task.remote(ref, lo, min(n_scopes, lo + scope_chunk), groups,
                                recipe.to_dict()) for lo in range(0, n_scopes, scope_chunk)]

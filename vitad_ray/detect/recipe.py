@@ -30,7 +30,8 @@ class Recipe:
     name: str = "default"
     kind: str = "crossclip"  # crossclip: the Detector; paper: k-Means/HDBSCAN over Chroma
     # Features. image_size None: as embedded. block: the transformer block the tokens come from,
-    # as a share of the backbone's depth (0.75 = block 9 of 12, 24 of 32), or None for the last.
+    # as a share of the backbone's depth (0.75 = block 9 of 12, 24 of 32; 1.0 = the last), or
+    # None for the features as embedded.
     image_size: int | None = 224
     block: float | None = 0.75
     # Motion streams: each scope's change since this many frames earlier (frame_index units).
@@ -86,7 +87,8 @@ class Recipe:
         return max(self.motion_lags, default=0) + self.temporal_window - 1
 
     def layers_for(self, depth: int) -> tuple[int, ...]:
-        """The block numbers to embed for a backbone of ``depth`` blocks (() = the last)."""
+        """The block numbers to embed for a backbone of ``depth`` blocks (() = the last, or as
+        embedded when the recipe names no block)."""
         if self.block is None:
             return ()
         block = max(1, min(depth, round(float(self.block) * depth)))
@@ -109,7 +111,7 @@ class Recipe:
         return dataclasses.replace(self, **changes)
 
 
-PAPER = Recipe(name="paper", kind="paper", image_size=224, block=None, motion_lags=(),
+PAPER = Recipe(name="paper", kind="paper", image_size=224, block=1.0, motion_lags=(),
                calibration="ratio", pool=1, top_k=0.5, temporal_window=1)
 DEFAULT = Recipe()
 RECIPES = {r.name: r for r in (DEFAULT, PAPER)}
@@ -162,13 +164,13 @@ def embedding_layers(recipe: Recipe, metadata: dict) -> tuple[int, ...]:
     size = int(metadata["image_size"])
     wanted = recipe.layers_for(depth) if depth else ()
     hint = (f"embed with --image-size {recipe.image_size or size}"
-            + (f" --layers {wanted[0]}" if wanted else "")
+            + f" --layers {wanted[0] if wanted else 'last'}"
             + f", or fit another recipe (--recipe paper, or a recipe file with image_size and "
               f"block set to null for the features as embedded)")
     if recipe.image_size is not None and recipe.image_size != size:
         raise ValueError(f"recipe {recipe.name!r} needs {recipe.image_size} px features, these "
                          f"embeddings are {size} px: {hint}")
-    if recipe.block is None and not have or not depth:
+    if recipe.block is None or not depth:  # as embedded
         return ()
     last = (depth,)
     need = wanted or last
