@@ -100,6 +100,9 @@ def main(argv=None) -> int:
                         "(default: lags, pooling, top-k and smoothing window)")
     p.add_argument("--model", help="a `vitad fit` model of the first feature set, scored with "
                                    "its own recipe beside the sweep")
+    p.add_argument("--fitted", help="a `vitad fit` model of a cross-clip recipe on the first "
+                                    "feature set whose streams cover the sweep's lags: its "
+                                    "detector is swept instead of fitting one")
     p.add_argument("--top", type=int, default=12, help="recipes shown per feature set")
     p.add_argument("--calib-fraction", type=float, default=1 / 3)
     p.add_argument("--seed", type=int, default=0)
@@ -118,10 +121,21 @@ def main(argv=None) -> int:
     for i, text in enumerate(args.features):
         name, path, blocks = parse_feature(text)
         t0 = time.perf_counter()
-        train = load_split(path, "train", blocks)
-        detector = Detector(base.replace(motion_lags=lags)).fit(train)
+        if i == 0 and args.fitted:
+            detector = load_model(args.fitted)
+            if not set(lags) <= set(detector.recipe.motion_lags):
+                raise SystemExit(f"{args.fitted} has lags {detector.recipe.motion_lags}, the "
+                                 f"sweep needs {lags}")
+            base = base.replace(**{k: getattr(detector.recipe, k) for k in (
+                "calibration", "m", "coreset", "loo_min_clips", "loo_segment_s")})
+            recipes = [r.replace(**{k: getattr(base, k) for k in (
+                "calibration", "m", "coreset", "loo_min_clips", "loo_segment_s")})
+                for r in recipes]
+        else:
+            train = load_split(path, "train", blocks)
+            detector = Detector(base.replace(motion_lags=lags)).fit(train)
+            del train
         fit_s = time.perf_counter() - t0
-        del train
         test = load_split(path, "test", blocks)
         if ids is None:
             ids = test.ids.merge(man, on=["split", "clip", "frame_index"], how="left")

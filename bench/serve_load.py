@@ -1,7 +1,8 @@
 """Load test of the detection endpoint: concurrent clients over real HTTP for N seconds.
 
 For each shard count it deploys the Serve app on a local Ray cluster (or uses --url), then per
-request scope (both = global + local, global):
+request scope (both = global + local, global; for a cross-clip recipe's model: stream = each
+client its own camera stream, its frames in order, or frame = no stream, appearance alone):
   latency: one client, one frame per request, sequential -> p50/p95/p99 of a lone frame;
   load:    --concurrency clients for --duration seconds -> requests/s, frames/s, p50/p95/p99,
            errors (any non-200 or transport failure).
@@ -43,17 +44,25 @@ def percentiles(ms: list[float]) -> dict:
     return {f"p{q}": round(float(np.percentile(a, q)), 1) for q in (50, 95, 99)}
 
 
+def request_fields(scope: str, client: int = 0) -> dict:
+    """The form fields of a request in this scope: a stream per client for ``stream``."""
+    if scope == "stream":
+        return {"stream": f"client-{client}"}
+    return {} if scope == "frame" else {"scope": scope}
+
+
 async def _client(client, url, images, scope, per_request, stop_at, stats, offset):
     import httpx
 
     i = offset
+    step = 1 if scope == "stream" else 7  # a stream's frames follow each other
     while time.monotonic() < stop_at:
         batch = [images[(i + j) % len(images)] for j in range(per_request)]
-        i += per_request * 7
+        i += per_request * step
         files = [("images", (name, data, "application/octet-stream")) for name, data in batch]
         start = time.perf_counter()
         try:
-            r = await client.post(url, files=files, data={"scope": scope})
+            r = await client.post(url, files=files, data=request_fields(scope, offset))
             ok = r.status_code == 200
             if not ok:
                 stats["error_samples"].append(f"{r.status_code}: {r.text[:200]}")
@@ -90,22 +99,40 @@ async def run_load(url: str, images, scope: str, concurrency: int, duration: flo
 
 
 def offline_reference(model_dir: str, weights: str | None, images, batch: int) -> dict:
-    """Frames/s of in-process batched decode + embed + score (both scopes, then global only)."""
+    """Frames/s of in-process batched decode + embed + score (both scopes, then global only;
+    a cross-clip recipe's Detector on the frames as one stream)."""
     import torch
 
     from vitad_ray.backbones import create_backbone
+    from vitad_ray.detect import StreamState
+    from vitad_ray.detect.model import load_model
     from vitad_ray.modeldir import read_model_json
     from vitad_ray.score import ModelScorer
+    from vitad_ray.serve import model_layers
     from vitad_ray.serve_api import ImageInput, Limits, decode_image
     from vitad_ray.store import GLOBAL
 
     torch.set_num_threads(os.cpu_count() or 1)
     doc = read_model_json(model_dir)
     emb = doc["embeddings"]
-    backbone = create_backbone(doc["backbone"], weights or emb["weights"], emb["image_size"])
+    backbone = create_backbone(doc["backbone"], weights or emb["weights"], emb["image_size"],
+                               layers=model_layers(doc))
+    crossclip = doc.get("recipe", {}).get("kind", "paper") != "paper"
     out = {}
-    for scope, scopes in (("both", None), ("global", [GLOBAL])):
-        scorer = ModelScorer(model_dir, index="exact", scopes=scopes, hdbscan=False)
+    for scope, scopes in ((("stream", None),) if crossclip else
+                          (("both", None), ("global", [GLOBAL]))):
+        if crossclip:
+            detector, state, seen = load_model(model_dir), StreamState(), [0]
+
+            def score(g, l):
+                index = np.arange(seen[0], seen[0] + len(g))
+                seen[0] += len(g)
+                detector.score(g, l, index, state)
+        else:
+            scorer = ModelScorer(model_dir, index="exact", scopes=scopes, hdbscan=False)
+
+            def score(g, l):
+                scorer.score(g, l, ("kmeans",))
         frames = [decode_image(ImageInput(n, d), emb["image_size"], Limits()) for n, d in images]
         backbone.embed(np.stack(frames[:2]))  # warm-up
         start = time.perf_counter()
@@ -116,11 +143,10 @@ def offline_reference(model_dir: str, weights: str | None, images, batch: int) -
             t0 = time.perf_counter()
             g, l = backbone.embed(np.stack(chunk))
             embed_s += time.perf_counter() - t0
-            scorer.score(g, l, ("kmeans",))
+            score(g, l)
         wall = time.perf_counter() - start
         out[scope] = {"frames_per_s": round(len(images) / wall, 2),
                       "score_only_frames_per_s": round(len(images) / max(1e-9, wall - embed_s), 1)}
-        del scorer
     return out
 
 
@@ -137,7 +163,9 @@ def main() -> None:
     ap.add_argument("--max-images", type=int, default=120)
     ap.add_argument("--weights", help="backbone weights (default: the ones model.json names)")
     ap.add_argument("--shards", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--scopes", nargs="+", default=["both", "global"])
+    ap.add_argument("--scopes", nargs="+", choices=["both", "global", "local", "stream", "frame"],
+                    help="request kinds (default: both and global for a paper model, stream and "
+                         "frame for a cross-clip recipe's)")
     ap.add_argument("--duration", type=float, default=60.0, help="seconds of load per phase")
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--per-request", type=int, default=1, help="frames per request")
@@ -164,6 +192,11 @@ def main() -> None:
     ap.add_argument("--json", help="write the figures here too")
     args = ap.parse_args()
 
+    from vitad_ray.modeldir import read_model_json
+
+    if args.scopes is None:
+        kind = read_model_json(args.model_dir).get("recipe", {}).get("kind", "paper")
+        args.scopes = ["both", "global"] if kind == "paper" else ["stream", "frame"]
     images = load_images(args.images, args.max_images)
     print(f"{len(images)} frames from {args.images}", flush=True)
     rows = []
@@ -247,7 +280,7 @@ async def _sequential(url, images, scope, n, token) -> dict:
             name, data = images[(i * 5) % len(images)]
             t0 = time.perf_counter()
             r = await client.post(url + "/v1/detect", files=[("images", (name, data))],
-                                  data={"scope": scope})
+                                  data=request_fields(scope))
             if r.status_code == 200:
                 ms.append(1000 * (time.perf_counter() - t0))
                 body = r.json()

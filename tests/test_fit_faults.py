@@ -32,7 +32,8 @@ def _env(ray_tmp: str, home: Path) -> dict:
 
 
 def _fit_args(emb: Path, out: Path, shards: int) -> list[str]:
-    return [VITAD, "fit", str(emb), "--out", str(out), "--shards", str(shards), "--num-cpus", "2"]
+    return [VITAD, "fit", str(emb), "--out", str(out), "--recipe", "paper", "--shards",
+            str(shards), "--num-cpus", "2"]
 
 
 def _kill_all(ray_tmp: str) -> None:

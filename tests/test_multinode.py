@@ -82,8 +82,8 @@ def test_fit_and_serve_jobs_run_on_both_nodes_and_match_a_one_node_run(two_nodes
     # The fit with the session model's settings (2 shards, HDBSCAN too) equals the one-node fit.
     multi = tmp_path / "model-2nodes"
     logs = _submit(two_nodes, "fit",
-                   [str(embedded["out"] / "tiny-dinov2"), "--out", str(multi), "--shards",
-                    str(model["cfg"].n_shards)])
+                   [str(embedded["out"] / "tiny-dinov2"), "--out", str(multi), "--recipe",
+                    "paper", "--shards", str(model["cfg"].n_shards)])
     assert "on 2 node(s)" in logs
     nodes = {json.loads(p.read_text())["node_id"] for p in (multi / "scopes").glob("*.json")}
     assert nodes == alive

@@ -10,6 +10,7 @@ import pytest
 
 from vitad_ray.cli import main
 from vitad_ray.detect import DEFAULT, recipe_from_model
+from vitad_ray.detect.detector import stream_names
 from vitad_ray.detect.model import load_model
 from vitad_ray.detect.offline import score_frames
 from vitad_ray.embeddings import load_embeddings
@@ -26,18 +27,34 @@ TOKEN = "stream-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
+SIZE = DEFAULT.image_size or 224
+GRID = SIZE // 14
+
+
 @pytest.fixture(scope="module")
-def default_model(embedded, ray_local, tmp_path_factory):
+def default_embeddings(embedded, scene, tmp_path_factory):
+    """The session's tiny scene at the default recipe's input size, as `vitad embed` gives it."""
+    if SIZE == 224:
+        return embedded["out"] / "tiny-dinov2"
+    from vitad_ray.embed import BackboneChoice, run_embedding
+
+    out = tmp_path_factory.mktemp("emb-default")
+    run_embedding(scene["items"], [BackboneChoice("tiny-dinov2", image_size=SIZE)], out,
+                  batch_size=16, show_progress=False)
+    return out / "tiny-dinov2"
+
+
+@pytest.fixture(scope="module")
+def default_model(default_embeddings, ray_local, tmp_path_factory):
     out = tmp_path_factory.mktemp("default-model")
-    assert main(["fit", str(embedded["out"] / "tiny-dinov2"), "--out", str(out),
-                 "--target-fpr", "0.05"]) == 0
+    assert main(["fit", str(default_embeddings), "--out", str(out), "--target-fpr", "0.05"]) == 0
     return out
 
 
 @pytest.fixture(scope="module")
-def default_scores(default_model, embedded, tmp_path_factory):
+def default_scores(default_model, default_embeddings, tmp_path_factory):
     out = tmp_path_factory.mktemp("default-scores") / "scores.parquet"
-    assert main(["score", str(default_model), str(embedded["out"] / "tiny-dinov2"),
+    assert main(["score", str(default_model), str(default_embeddings),
                  "--out", str(out), "--split", "test", "--batch-size", "10"]) == 0
     df, arrays = read_scores(out)
     return {"path": out, "df": df, "arrays": arrays}
@@ -49,25 +66,28 @@ def test_fit_writes_the_recipe_and_a_label_free_threshold(default_model):
     assert recipe == DEFAULT.replace(target_fpr=0.05)
     assert doc["thresholds"]["source"] == "label-free@fpr=0.05"
     assert doc["train"]["n_frames"] == TRAIN_CLIPS * FRAMES
-    assert doc["detector"]["streams"] == ["appearance", "motion-2"]
+    assert doc["detector"]["streams"] == [n for n, _ in stream_names(DEFAULT)]
+    assert doc["detector"]["streams"][0] == "appearance" and len(DEFAULT.motion_lags) >= 1
     assert doc["detector"]["train_fpr_at_threshold"] <= 0.05
     for stream in doc["detector"]["streams"]:
         memory = np.load(default_model / "detector" / stream / "memory.npy", allow_pickle=False)
-        assert memory.shape == (257, TRAIN_CLIPS * FRAMES, 32)
+        assert memory.shape == (1 + GRID * GRID, TRAIN_CLIPS * FRAMES, 32)
     # Nothing in the model directory needs pickle to load.
     assert not list(default_model.rglob("*.pkl")) and not list(default_model.rglob("*.joblib"))
 
 
-def test_fit_resumes_finished_streams(default_model, embedded, capsys):
-    assert main(["fit", str(embedded["out"] / "tiny-dinov2"), "--out", str(default_model),
+def test_fit_resumes_finished_streams(default_model, default_embeddings, capsys):
+    assert main(["fit", str(default_embeddings), "--out", str(default_model),
                  "--target-fpr", "0.05"]) == 0
-    assert "fitted 0 streams (2 already done)" in capsys.readouterr().out
+    n = 1 + len(DEFAULT.motion_lags)
+    assert f"fitted 0 streams ({n} already done)" in capsys.readouterr().out
 
 
-def test_score_writes_the_contract_columns_in_clip_order(default_scores, default_model, embedded):
+def test_score_writes_the_contract_columns_in_clip_order(default_scores, default_model,
+                                                        default_embeddings):
     df, arrays = default_scores["df"], default_scores["arrays"]
     n = TEST_CLIPS * FRAMES
-    assert len(df) == n and arrays["patch_scores"].shape == (n, 256)
+    assert len(df) == n and arrays["patch_scores"].shape == (n, GRID * GRID)
     assert df["frame_score"].dtype == np.float32 and df["anomalous"].dtype == bool
     for clip, rows in df.groupby("clip"):
         assert rows["frame_index"].is_monotonic_increasing
@@ -75,7 +95,7 @@ def test_score_writes_the_contract_columns_in_clip_order(default_scores, default
     assert (df["anomalous"] == (df["frame_score"] >= doc["thresholds"]["frame"])).all()
     assert {"evidence_appearance", "evidence_motion", "fired"} <= set(df)
     # The Ray Data actors (chunks of 10 frames and their context) score as one process does.
-    test = load_embeddings(embedded["out"] / "tiny-dinov2", splits=["test"])
+    test = load_embeddings(default_embeddings, splits=["test"])
     order, direct = score_frames(load_model(default_model), test.ids, test.global_, test.local)
     np.testing.assert_allclose(df["frame_score"], direct.frame_score[np.argsort(order)],
                                atol=1e-5)
@@ -136,7 +156,7 @@ def test_a_stream_sent_frame_by_frame_scores_as_vitad_score(served_default, defa
     np.testing.assert_allclose([a["frame_score"] for a in got], want["frame_score"], atol=1e-4)
     assert [a["anomalous"] for a in got] == want["anomalous"].tolist()
     assert all(a["stateful"] and a["stream"] == "cam-1" for a in got)
-    assert np.asarray(got[-1]["grid"]).shape == (16, 16)
+    assert np.asarray(got[-1]["grid"]).shape == (GRID, GRID)
     # Out of order: refused with a reason, the stream's state untouched.
     late = _post(served_default, [("x", open(items[0]["path"], "rb").read())], stream="cam-1",
                  frame_index="0")

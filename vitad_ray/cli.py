@@ -189,6 +189,25 @@ def _choices(args, default: str, recipes=None):
     return out
 
 
+def _reuse_blocks(folder: Path, choice):
+    """A folder that already holds these features with more blocks (say 9 and 12 where only
+    12 is needed) is resumed as it is: each recipe selects its block from it."""
+    import dataclasses
+
+    from .embeddings import METADATA_FILE
+
+    path = folder / METADATA_FILE
+    if not path.exists():
+        return choice
+    meta = json.loads(path.read_text())
+    spec = choice.spec
+    have = [int(x) for x in meta.get("layers") or []]
+    need = list(spec.layers) or [spec.depth]
+    if meta.get("image_size") == spec.image_size and have and set(need) <= set(have):
+        return dataclasses.replace(choice, layers=tuple(have))
+    return choice
+
+
 def _feature_groups(args, recipes) -> list[tuple[str, list]]:
     """(embeddings folder name, recipes) per image size the recipes need, the first recipe's
     size first: each size is embedded once, with every block its recipes use."""
@@ -439,6 +458,7 @@ def run_pipeline(args, items: list[dict], default_backbone: str,
     out = Path(args.out)
     timings = {}
     for folder, _, choices in groups:
+        choices[:] = [_reuse_blocks(out / folder / c.name, c) for c in choices]
         t = time.perf_counter()
         emb = run_embedding(items, choices, out / folder, batch_size=args.batch_size,
                             actors_per_backbone=args.actors)

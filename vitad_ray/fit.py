@@ -20,7 +20,8 @@ import numpy as np
 
 from .embeddings import load_embeddings
 from .modeldir import (DEFAULT_THRESHOLDS, HDBSCAN_DIR, MODEL_FILE, SCOPES_DIR, hdbscan_path,
-                       read_model_json, scope_marker, write_model_json)
+                       embeddings_entry, read_model_json, scope_marker,
+                       write_model_json)
 from .normality import HDBSCANNormality, KMeansNormality, k_range
 from .progress import Progress
 from .store import ScopeStore, collection_name, scope_names, shard_location, shard_of
@@ -151,6 +152,19 @@ def _signature(backbone: str, weights_sha: str, frame_ids: list[str], cfg: FitCo
     return h.hexdigest()
 
 
+def load_training_frames(emb_dir: str | os.PathLike, recipe, splits: tuple[str, ...]):
+    """(training embeddings with the recipe's blocks selected, those blocks)."""
+    from .detect.recipe import embedding_layers
+    from .embeddings import select_layers
+
+    emb = load_embeddings(emb_dir, splits=list(splits))
+    if len(emb) < 3:
+        raise ValueError(f"{emb_dir}: {len(emb)} training frames in splits {list(splits)}; "
+                         "need at least 3")
+    layers = embedding_layers(recipe, emb.metadata)
+    return (select_layers(emb, layers) if layers else emb), layers
+
+
 def fit_recipe(emb_dir: str | os.PathLike, model_dir: str | os.PathLike, recipe=None,
                cfg: FitConfig | None = None, show_progress: bool = True) -> FitResult:
     """Fit a model directory for a recipe (a name, a YAML path or a Recipe): the paper's
@@ -181,16 +195,7 @@ def fit_model(emb_dir: str | os.PathLike, model_dir: str | os.PathLike,
     recipe = recipe or PAPER
     start = time.perf_counter()
     model_dir = Path(model_dir)
-    emb = load_embeddings(emb_dir, splits=list(cfg.train_splits))
-    if len(emb) < 3:
-        raise ValueError(f"{emb_dir}: {len(emb)} training frames in splits {cfg.train_splits}; "
-                         "need at least 3")
-    from .detect.recipe import embedding_layers
-    from .embeddings import select_layers
-
-    layers = embedding_layers(recipe, emb.metadata)
-    if layers:
-        emb = select_layers(emb, layers)
+    emb, layers = load_training_frames(emb_dir, recipe, cfg.train_splits)
     meta = emb.metadata
     backbone = meta["backbone"]
     clips = sorted(emb.ids["clip"].unique())
@@ -278,11 +283,7 @@ def _write_model_json(model_dir: Path, meta: dict, emb_dir, clips, frame_ids, sc
     doc = {
         "format": 1,
         "backbone": meta["backbone"],
-        "embeddings": {"path": str(Path(emb_dir).resolve()),
-                       **{k: meta[k] for k in ("weights", "weights_sha256", "dim", "num_patches",
-                                               "grid", "image_size", "patch_size", "global_pool")},
-                       "layers": list(meta.get("layers", [])),
-                       "selected_layers": list(layers)},
+        "embeddings": embeddings_entry(emb_dir, meta, layers),
         "recipe": recipe.replace(k_max=k_max, hdbscan=cfg.hdbscan).to_dict(),
         "train": {"splits": list(cfg.train_splits), "clips": clips, "n_frames": len(frame_ids)},
         "params": {"k_min": k_min, "k_max": k_max, "m": cfg.m, "hdbscan": cfg.hdbscan,

@@ -37,6 +37,15 @@ def read_model_json(model_dir: str | os.PathLike) -> dict:
     return json.loads(path.read_text())
 
 
+def embeddings_entry(emb_dir: str | os.PathLike, meta: dict, layers: tuple[int, ...]) -> dict:
+    """model.json's record of the embeddings a model was fitted on: where, which weights and
+    features, and the blocks it selected from them (() = all of it)."""
+    return {"path": str(Path(emb_dir).resolve()),
+            **{k: meta[k] for k in ("weights", "weights_sha256", "dim", "num_patches", "grid",
+                                    "image_size", "patch_size", "global_pool")},
+            "layers": list(meta.get("layers", [])), "selected_layers": list(layers)}
+
+
 def write_model_json(model_dir: str | os.PathLike, doc: dict) -> None:
     """Atomically: a reader sees the old document or the new one, never half of one."""
     path = Path(model_dir) / MODEL_FILE

@@ -295,7 +295,9 @@ def score_embeddings(model_dir: str | os.PathLike, emb_dir: str | os.PathLike,
         raise ValueError(f"{emb_dir}: no frames in splits {splits or 'any'}"
                          + (f" and clips {clips}" if clips else ""))
     cpus = int(ray.cluster_resources().get("CPU", 1))
+    n_frames = len(table)
     ds = ray.data.from_arrow(chunk_tables(table, batch_size, recipe.context_frames))
+    del table  # the chunks are in the object store now
     ds = ds.map_batches(
         ScoreActor, batch_format="pyarrow", batch_size=None,
         fn_constructor_kwargs={"model_dir": str(Path(model_dir).resolve()), "index": index,
@@ -303,7 +305,7 @@ def score_embeddings(model_dir: str | os.PathLike, emb_dir: str | os.PathLike,
                                "num_patches": int(meta["num_patches"]),
                                "threads": max(1, cpus // actors), "columns": columns},
         compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1)
-    progress = Progress("score", total=len(table), enabled=show_progress)
+    progress = Progress("score", total=n_frames, enabled=show_progress)
     chunks = []
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         chunks.append(batch)
@@ -312,9 +314,9 @@ def score_embeddings(model_dir: str | os.PathLike, emb_dir: str | os.PathLike,
     merged = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
     order = np.lexsort((merged["frame_index"], merged["clip"]))
     merged = {k: v[order] for k, v in merged.items()}
-    if len(np.unique(merged["frame_id"])) != len(table):
+    if len(np.unique(merged["frame_id"])) != n_frames:
         raise RuntimeError(f"scored {len(np.unique(merged['frame_id']))} distinct frames of "
-                           f"{len(table)}")
+                           f"{n_frames}")
     ids = {k: merged.pop(k) for k in ID_COLUMNS}
     write_scores(out_path, ids, merged)
     return {"frames": len(order), "seconds": time.perf_counter() - start, "path": str(out_path),

@@ -533,9 +533,10 @@ class Ingress:
         finally:
             if lock is not None:
                 lock.release()
-                for gone in self.streams.evict():
-                    if gone in self._locks and not self._locks[gone].locked():
-                        del self._locks[gone]
+                self.streams.evict()
+                for stale in [k for k, v in self._locks.items()
+                              if k not in self.streams and not v.locked()]:
+                    del self._locks[stale]
         if isinstance(answers, JSONResponse):
             return answers
         results = []

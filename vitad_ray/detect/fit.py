@@ -50,15 +50,17 @@ def signature(emb_meta: dict, frame_ids: list[str], recipe: Recipe) -> str:
 def fit_streams(emb, model_dir: str | Path, recipe: Recipe, scope_chunk: int = 32,
                 show_progress: bool = True) -> tuple[Detector, dict]:
     """Fit (or resume) every stream of ``recipe`` on training embeddings ``emb``; returns the
-    fitted Detector and what was done."""
+    fitted Detector and what was done. The embeddings' arrays are let go of once stacked
+    scope-major (at 448 px a copy is gigabytes)."""
     import ray
 
     model_dir = Path(model_dir)
-    ids = emb.ids
+    ids, metadata = emb.ids, emb.metadata
     order = np.lexsort((ids["frame_index"].to_numpy(), ids["clip"].to_numpy()))
     frame_ids = ids["frame_id"].to_numpy()[order].tolist()
     stacked, clips, index, groups = training_frames(emb, recipe)
-    sig = signature(emb.metadata, frame_ids, recipe)
+    emb.global_ = emb.local = None
+    sig = signature(metadata, frame_ids, recipe)
     det = Detector(recipe)
     task = ray.remote(num_cpus=1, max_retries=3)(fit_scope_range)
     n_scopes = stacked.shape[0]
@@ -105,20 +107,13 @@ def fit_detector_model(emb_dir: str | Path, model_dir: str | Path, recipe: Recip
                        ) -> dict:
     """Load the training frames of an embeddings folder, fit the recipe's streams, write
     ``model.json``; returns what was done."""
-    from ..embeddings import load_embeddings, select_layers
-    from ..modeldir import write_model_json
+    from ..fit import load_training_frames
+    from ..modeldir import embeddings_entry, write_model_json
     from ..versions import package_versions
-    from .recipe import embedding_layers
 
     start = time.perf_counter()
     model_dir = Path(model_dir)
-    emb = load_embeddings(emb_dir, splits=list(train_splits))
-    if len(emb) < 3:
-        raise ValueError(f"{emb_dir}: {len(emb)} training frames in splits {list(train_splits)}; "
-                         "need at least 3")
-    layers = embedding_layers(recipe, emb.metadata)
-    if layers:
-        emb = select_layers(emb, layers)
+    emb, layers = load_training_frames(emb_dir, recipe, train_splits)
     meta = emb.metadata
     model_dir.mkdir(parents=True, exist_ok=True)
     det, done = fit_streams(emb, model_dir, recipe, show_progress=show_progress)
@@ -135,11 +130,7 @@ def fit_detector_model(emb_dir: str | Path, model_dir: str | Path, recipe: Recip
     doc = {
         "format": 2,
         "backbone": meta["backbone"],
-        "embeddings": {"path": str(Path(emb_dir).resolve()),
-                       **{k: meta[k] for k in ("weights", "weights_sha256", "dim", "num_patches",
-                                               "grid", "image_size", "patch_size", "global_pool")},
-                       "layers": list(meta.get("layers", [])),
-                       "selected_layers": list(layers)},
+        "embeddings": embeddings_entry(emb_dir, meta, layers),
         "recipe": recipe.to_dict(),
         "train": {"splits": list(train_splits), "clips": sorted(map(str, emb.ids["clip"].unique())),
                   "n_frames": len(emb), "loo_groups": done["loo_groups"]},

@@ -160,6 +160,10 @@ def embedding_layers(recipe: Recipe, metadata: dict) -> tuple[int, ...]:
     blocks to select from a multi-block embedding. Refuses features the recipe was not made
     for, naming the ``vitad embed`` flags that give them."""
     depth = int(metadata.get("depth") or 0)
+    if not depth and metadata.get("backbone"):  # embedded before depth was recorded
+        from ..backbones import get_spec
+
+        depth = get_spec(metadata["backbone"]).depth
     have = [int(x) for x in metadata.get("layers") or []]
     size = int(metadata["image_size"])
     wanted = recipe.layers_for(depth) if depth else ()
