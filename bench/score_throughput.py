@@ -107,6 +107,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     doc = read_model_json(args.model)
     emb = load_embeddings(args.embeddings, splits=[args.split] if args.split else None)
+    if doc["embeddings"].get("selected_layers"):
+        from vitad_ray.embeddings import select_layers
+
+        emb = select_layers(emb, tuple(doc["embeddings"]["selected_layers"]))
     n = min(args.frames, len(emb))
     g, loc = emb.global_[:n], emb.local[:n]
     print(f"model {args.model}: {doc['backbone']}, {len(doc['scopes'])} scopes, "

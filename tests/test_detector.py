@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from sklearn.base import clone
 
-from vitad_ray.detect import (DEFAULT, PAPER, Detector, Recipe, StreamState, get_recipe,
+from vitad_ray.detect import (DEFAULT, PAPER, RECIPES, Detector, Recipe, StreamState, get_recipe,
                               label_free_threshold, loo_groups, recipe_from_model)
 from vitad_ray.detect.offline import score_frames
 from vitad_ray.embeddings import Embeddings
@@ -151,7 +151,7 @@ def test_one_long_clip_is_cut_into_segments_for_leave_one_clip_out():
 
 
 def test_recipes_round_trip_through_model_json_and_yaml(tmp_path):
-    for recipe in (DEFAULT, PAPER, RECIPE):
+    for recipe in (*RECIPES.values(), RECIPE):
         doc = json.loads(json.dumps({"recipe": recipe.to_dict()}))
         assert recipe_from_model(doc) == recipe
     assert recipe_from_model({}) == PAPER  # models fitted before recipes existed

@@ -30,11 +30,12 @@ def test_quality_bench_writes_a_reportable_run(embedded, model, scene, tmp_path,
     assert options[0].startswith("[tiny] recipe paper")  # the fitted model, its own recipe
     for name in ("tiny", "tiny again"):
         mine = [r for r in summary["table"] if r["option"].startswith(f"[{name}] default [")]
-        # The top 3 by calibration AUROC, then the best appearance-only recipe.
-        assert len(mine) == 4, [r["option"] for r in mine]
+        # The top 3 by calibration AUROC, then the best appearance-only recipe if none of the
+        # three is one.
         calib = [r["calib_auroc"] for r in mine[:3]]
-        assert calib == sorted(calib, reverse=True) and calib[0] >= mine[3]["calib_auroc"]
-        assert "motion_lags=none" in mine[3]["option"]
+        assert calib == sorted(calib, reverse=True) and calib[0] >= mine[-1]["calib_auroc"]
+        alone = ["motion_lags=none" in r["option"] for r in mine]
+        assert len(mine) == (3 if any(alone[:3]) else 4) and any(alone)
         assert all(0 <= r["label_free_fpr"] <= 1 for r in mine)
     # The same features twice: the same choice, so the first feature set's wins the tie.
     assert summary["chosen"].startswith("[tiny] default [")

@@ -200,3 +200,16 @@ def test_stream_registry_forgets_idle_and_least_recent_streams():
     assert reg.evict() == ["a"]  # idle for 12 s > 10 s; c was used at 5 s
     assert len(reg) == 1 and reg.info()["evicted"] == 2
     assert json.dumps(reg.info())
+
+
+def test_report_renders_an_evaluation(default_scores, default_model, tmp_path, capsys):
+    from vitad_ray.evaluate import evaluate_run, write_evaluation_run
+
+    result = evaluate_run(default_scores["path"], "tiny", model_doc=read_model_json(default_model),
+                          calib_fraction=0.5)
+    run = write_evaluation_run(tmp_path / "run" / "report" / "tiny", {"default": result},
+                               {"default": default_scores["path"]})
+    assert main(["report", str(tmp_path / "run")]) == 0  # the evaluate output folder
+    assert (run / "report" / "index.html").exists() and (run / "report" / "roc.png").exists()
+    assert main(["report", str(tmp_path / "nowhere")]) == 2
+    assert "neither a run folder" in capsys.readouterr().err

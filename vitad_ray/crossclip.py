@@ -16,6 +16,8 @@ training set is taken leave-one-clip-out: a training vector is compared only wit
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from .coreset import kcenter_coreset
@@ -116,10 +118,12 @@ class CrossClipNormality:
         import torch
 
         if getattr(self, "_memory_t", None) is None:  # searched many times: convert once
-            memory = np.asarray(self.memory_, np.float32)
-            if not memory.flags.writeable or not memory.flags.c_contiguous:  # a memory map
-                memory = np.array(memory, np.float32, order="C")
-            self._memory_t = torch.from_numpy(memory)
+            memory = np.ascontiguousarray(self.memory_, np.float32)
+            with warnings.catch_warnings():
+                # A read-only memory map of the model directory's array: searched, never
+                # written, and its pages stay the page cache's (shared, evictable), not a copy.
+                warnings.filterwarnings("ignore", message=".*not writable.*")
+                self._memory_t = torch.from_numpy(memory)
             self._sqnorm_t = (self._memory_t ** 2).sum(-1)
         d, rows = knn_stacked(queries, self._memory_t[scopes], k=1,
                               train_sqnorm=self._sqnorm_t[scopes], device=self.device)

@@ -141,6 +141,10 @@ def load_embeddings(emb_dir: str | os.PathLike, splits: list[str] | None = None,
     local = None
     if with_local:
         local = _to_numpy(table.column("local"), (int(metadata["num_patches"]), dim))[order]
+    del table
+    # The arrays above are copies; hand Arrow's buffers back to the system now (its allocator
+    # keeps freed memory for reuse, gigabytes at 448 px, while fit holds its own copies).
+    pa.default_memory_pool().release_unused()
     return Embeddings(ids.iloc[order], global_, local, metadata)
 
 

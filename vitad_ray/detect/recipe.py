@@ -6,10 +6,10 @@ how each scope's nearest-neighbour distance is calibrated, how patches become a 
 in time, and how the label-free threshold is set. ``vitad fit`` writes the recipe into
 ``model.json``; everything that scores reads it back from there.
 
-Two recipes are named: ``paper`` is the seed paper's rule exactly (k-Means / HDBSCAN per scope,
-capped k-NNN confidence, majority vote over patches); ``default`` is the cross-clip detector,
-chosen on Ped2's calibration clips (docs/benchmarks.md) and checked on generated scenes with
-still and single-frame anomalies.
+Named recipes: ``paper`` is the seed paper's rule exactly (k-Means / HDBSCAN per scope, capped
+k-NNN confidence, majority vote over patches); ``default`` is the cross-clip detector, chosen on
+Ped2's calibration clips (docs/benchmarks.md) and checked on generated scenes with still and
+single-frame anomalies; ``appearance`` is the same without motion (no stream state).
 """
 
 from __future__ import annotations
@@ -35,13 +35,13 @@ class Recipe:
     image_size: int | None = 224
     block: float | None = 0.75
     # Motion streams: each scope's change since this many frames earlier (frame_index units).
-    motion_lags: tuple[int, ...] = (2,)
+    motion_lags: tuple[int, ...] = (4,)
     # Per-scope calibration of the nearest distance d, all leave-one-clip-out: raw d, the uncapped
     # ratio d / loc_dens, a z-score or the empirical CDF of the training frames' distances.
     calibration: str = "raw"
     m: int = 5  # neighbours behind loc_dens
     pool: int = 3  # patch scores averaged over a pool x pool grid neighbourhood (1: none)
-    top_k: float = 0.02  # frame evidence: mean of the top share (float) or count (int) of patches
+    top_k: float = 0.16  # frame evidence: mean of the top share (float) or count (int) of patches
     # Evidence on one scale (each standardized against the training frames scored
     # leave-one-clip-out), then fused: "max" flags a frame when any evidence is high, "mean"
     # averages them. The global scope joins with this weight (0: not used).
@@ -49,7 +49,7 @@ class Recipe:
     global_weight: float = 0.0
     # Causal mean over the last W frames of the motion evidence only: motion is noisy frame to
     # frame, while appearance evidence (a still object, a one-frame event) is never smoothed away.
-    temporal_window: int = 4
+    temporal_window: int = 8
     coreset: float | None = None  # share of training vectors kept per scope (k-center)
     # Leave-one-clip-out needs clips: with fewer than loo_min_clips training clips, every clip
     # is cut into segments of loo_segment_s seconds that act as clips.
@@ -114,7 +114,10 @@ class Recipe:
 PAPER = Recipe(name="paper", kind="paper", image_size=224, block=1.0, motion_lags=(),
                calibration="ratio", pool=1, top_k=0.5, temporal_window=1)
 DEFAULT = Recipe()
-RECIPES = {r.name: r for r in (DEFAULT, PAPER)}
+# The calibration clips' pick among every recipe swept at 224 px: appearance alone, so a frame
+# needs no stream state (one stream, half the default's memory and search).
+APPEARANCE = DEFAULT.replace(name="appearance", motion_lags=(), temporal_window=1)
+RECIPES = {r.name: r for r in (DEFAULT, APPEARANCE, PAPER)}
 
 
 def get_recipe(name_or_path: str | Path | Recipe | None) -> Recipe:

@@ -67,9 +67,10 @@ def save_train_frames(model_dir, frames: pd.DataFrame) -> None:
 
 
 def load_detector(model_dir: str | os.PathLike, recipe: Recipe, device: str | None = None,
-                  scopes: slice = slice(None), mmap: bool = False) -> Detector:
+                  scopes: slice = slice(None), mmap: bool = True) -> Detector:
     """The fitted Detector of a model directory. ``scopes``: only these scopes' memories are
-    read (a serving shard's range); ``mmap``: memories stay memory-mapped until searched."""
+    read (a serving shard's range); ``mmap``: memories are searched where they lie on disk
+    (through the page cache) rather than copied into the process."""
     model_dir = Path(model_dir)
     frames = pd.read_parquet(model_dir / DETECTOR_DIR / TRAIN_FRAMES,
                              columns=["clip", "frame_index"])
@@ -81,11 +82,12 @@ def load_detector(model_dir: str | os.PathLike, recipe: Recipe, device: str | No
                                     "`vitad fit` with the same arguments to finish it")
 
         def read(array: str, whole: bool = False):
-            value = np.load(folder / f"{array}.npy", allow_pickle=False,
-                            mmap_mode="r" if mmap or not whole else None)
-            return value if whole else value[scopes] if mmap else np.array(value[scopes])
+            value = np.load(folder / f"{array}.npy", allow_pickle=False, mmap_mode="r")
+            return np.array(value if whole else value[scopes])
 
-        memory = read("memory")
+        # The training vectors stay memory-mapped: gigabytes at 448 px, read by the search.
+        memory = np.load(folder / "memory.npy", allow_pickle=False, mmap_mode="r")[scopes] \
+            if mmap else read("memory")
         states[name] = CrossClipNormality.from_state(
             memory, read("loc_dens"), read("mu"), read("sigma"), read("ref_sorted"),
             m=recipe.m, device=device)
