@@ -82,6 +82,7 @@ class ServeConfig:
     # ingress (parsing, decoding, every hop of a request) waits behind them too. The app's
     # replicas run at this niceness instead (None: Ray's default).
     compute_niceness: int | None = 0
+    max_message_bytes: int = 512 << 20  # one call between replicas (by value)
     embed_cpus: float = 0.5
     shard_cpus: float = 0.5
     ingress_cpus: float = 0.25
@@ -705,10 +706,12 @@ def model_info(cfg: ServeConfig, doc: dict, groups: list[list[str]]) -> dict:
 
 def _replica_options(cfg: ServeConfig, num_cpus: float, num_gpus: float = 0) -> dict:
     """Actor options of the app's replicas."""
-    options = {"num_cpus": num_cpus, "num_gpus": num_gpus}
+    # Calls between replicas go by value over gRPC, whose 4 MiB default a batch of a few
+    # frames' embeddings passes (16 frames at 224 px: 6.3 MB; more with motion streams).
+    env = {"RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(cfg.max_message_bytes)}
     if cfg.compute_niceness is not None:
-        options["runtime_env"] = {"env_vars": {"RAY_worker_niceness": str(cfg.compute_niceness)}}
-    return options
+        env["RAY_worker_niceness"] = str(cfg.compute_niceness)
+    return {"num_cpus": num_cpus, "num_gpus": num_gpus, "runtime_env": {"env_vars": env}}
 
 
 def _cluster_has_gpu() -> bool:
