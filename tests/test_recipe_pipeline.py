@@ -104,7 +104,7 @@ def test_score_writes_the_contract_columns_in_clip_order(default_scores, default
 
 
 def test_evaluate_reads_what_score_wrote(default_scores, default_model):
-    from vitad_ray.evaluate import evaluate_run, write_report
+    from vitad_ray.evaluate import evaluate_run
 
     result = evaluate_run(default_scores["path"], "tiny", model_doc=read_model_json(default_model),
                           calib_fraction=0.5)

@@ -172,8 +172,8 @@ def embedding_layers(recipe: Recipe, metadata: dict) -> tuple[int, ...]:
     wanted = recipe.layers_for(depth) if depth else ()
     hint = (f"embed with --image-size {recipe.image_size or size}"
             + f" --layers {wanted[0] if wanted else 'last'}"
-            + f", or fit another recipe (--recipe paper, or a recipe file with image_size and "
-              f"block set to null for the features as embedded)")
+            + ", or fit another recipe (--recipe paper, or a recipe file with image_size and "
+              "block set to null for the features as embedded)")
     if recipe.image_size is not None and recipe.image_size != size:
         raise ValueError(f"recipe {recipe.name!r} needs {recipe.image_size} px features, these "
                          f"embeddings are {size} px: {hint}")
