@@ -29,11 +29,10 @@ from vitad_ray.detect.sweep import Sweep, choose_on_calibration, recipe_grid
 from vitad_ray.embeddings import load_embeddings, select_layers
 from vitad_ray.evaluate import split_test_clips
 from vitad_ray.frames import clip_key
-from vitad_ray.localize import load_masks, pixel_auroc
+from vitad_ray.localize import MASK_SIZE, load_masks, pixel_auroc
 from vitad_ray.metrics import auroc, evaluate_scores
 from vitad_ray.runfolder import write_run
 
-MASK_SIZE = (80, 120)  # a third of Ped2's 240 x 360: 19 M pixels over the 2,010 test frames
 COLUMNS = ["option", "calib_auroc", "auroc", "auroc_all", "pr_auc", "balanced_accuracy",
            "precision", "recall", "fpr", "label_free_fpr", "pixel_auroc"]
 

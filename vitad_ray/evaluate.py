@@ -194,7 +194,7 @@ def write_evaluation_run(run_dir: str | os.PathLike, results: dict[str, dict],
     exist. The first recipe is the one the report stands behind."""
     import pandas as pd
 
-    from .localize import load_masks, pixel_auroc
+    from .localize import MASK_SIZE, load_masks, pixel_auroc
     from .runfolder import write_run
 
     scores, maps, rows, ids = {}, {}, [], None
@@ -216,7 +216,7 @@ def write_evaluation_run(run_dir: str | os.PathLike, results: dict[str, dict],
         rows.append({"option": recipe, "threshold": ev.threshold, **ev.metrics,
                      "auroc": ev.auroc, "pr_auc": ev.pr_auc, "auroc_all": auroc(y, scores[recipe])})
     with_masks = ids["mask_path"].astype(bool)
-    masks = load_masks(list(ids["mask_path"]), (80, 120)) if with_masks.any() else None
+    masks = load_masks(list(ids["mask_path"]), MASK_SIZE) if with_masks.any() else None
     for r in rows:
         r["pixel_auroc"] = pixel_auroc(maps[r["option"]], masks) if masks is not None \
             else float("nan")

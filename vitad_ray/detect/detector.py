@@ -308,7 +308,8 @@ class Detector(BaseEstimator):
         return self.decide(scores, frame_index, state, (global_, local))
 
     # --- internals --------------------------------------------------------------------------
-    def _raw_evidence(self, scope_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _raw_evidence(self, scope_scores: np.ndarray
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """[S, B] -> (global [B], frame evidence [B], pooled patch scores [B, P])."""
         patch = pool_patches(np.asarray(scope_scores[1:], np.float64).T, self.recipe.pool)
         return (np.asarray(scope_scores[0], np.float64), topk_mean(patch, self.recipe.top_k),
