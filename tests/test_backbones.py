@@ -137,3 +137,23 @@ def test_layers_are_parsed_and_checked():
         parse_layers("eight")
     with pytest.raises(ValueError, match="1-based"):
         get_spec("dinov2-s14", layers=(0, 12))
+
+
+def test_bf16_autocast_is_a_choice_and_close_to_float32():
+    frames = np.random.default_rng(0).integers(0, 255, (2, 224, 224, 3), np.uint8)
+    fp32 = create_backbone("tiny-dinov2", device="cpu", trace=False, precision="fp32")
+    bf16 = create_backbone("tiny-dinov2", device="cpu", trace=False, precision="bf16")
+    assert not create_backbone("tiny-dinov2", device="cpu", trace=False).bf16  # auto on a CPU
+    g32, l32 = fp32.embed(frames)
+    g16, l16 = bf16.embed(frames)
+    assert g16.dtype == np.float32 and l16.shape == l32.shape
+    assert not np.array_equal(l16, l32)  # autocast did run in bf16
+    cos = (l16 * l32).sum(-1) / np.linalg.norm(l16, axis=-1) / np.linalg.norm(l32, axis=-1)
+    assert cos.min() > 0.99
+    with pytest.raises(ValueError, match="precision"):
+        create_backbone("tiny-dinov2", device="cpu", precision="fp8")
+
+
+def test_the_papers_backbones_build_from_their_configs_without_weights():
+    for name in ("vit-h14-in21k", "dinov2-l14", "ijepa-h14"):
+        assert get_spec(name).random_config, name  # `--weights random` works offline

@@ -25,6 +25,8 @@ INCEPTION_STD = (0.5, 0.5, 0.5)
 # Weights of tiny test backbones are drawn from this seed, so every Ray actor (and every test run)
 # builds the very same random network.
 RANDOM_SEED = 0
+# "auto": bf16 autocast on a CUDA device, float32 elsewhere.
+PRECISIONS = ("auto", "bf16", "fp32")
 
 
 @dataclass(frozen=True)
@@ -103,12 +105,15 @@ def parse_layers(text: str | None) -> tuple[int, ...]:
 def _vit_h14_in21k() -> BackboneSpec:
     return BackboneSpec("vit-h14-in21k", "timm-vit", "vit_huge_patch14_224.orig_in21k", depth=32,
                         mean=INCEPTION_MEAN, std=INCEPTION_STD,
+                        random_config=dict(embed_dim=1280, depth=32, num_heads=16, mlp_ratio=4.0),
                         description="ViT-H/14 supervised on ImageNet-21k (timm), global = CLS")
 
 
 @register_backbone
 def _dinov2_l14() -> BackboneSpec:
     return BackboneSpec("dinov2-l14", "dinov2", "facebook/dinov2-large", depth=24,
+                        random_config=dict(hidden_size=1024, num_hidden_layers=24,
+                                           num_attention_heads=16, mlp_ratio=4),
                         description="DINOv2 ViT-L/14, global = CLS")
 
 
@@ -134,6 +139,8 @@ def _dinov2_s14_reg() -> BackboneSpec:
 def _ijepa_h14() -> BackboneSpec:
     return BackboneSpec("ijepa-h14", "ijepa", "facebook/ijepa_vith14_1k", global_pool="mean",
                         depth=32,
+                        random_config=dict(hidden_size=1280, num_hidden_layers=32,
+                                           num_attention_heads=16, intermediate_size=5120),
                         description="I-JEPA ViT-H/14 (no CLS): global = mean of patch tokens")
 
 
@@ -254,9 +261,11 @@ class Backbone:
     """A loaded, frozen backbone: ``embed(uint8 frames) -> (global [B, D], local [B, P, D])``."""
 
     def __init__(self, spec: BackboneSpec, weights: str | None = None, device: str | None = None,
-                 trace: bool | None = None):
+                 trace: bool | None = None, precision: str = "auto"):
         import torch
 
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.spec = spec
         local = resolve_weights(spec, weights)
         self.model = (_build_timm if spec.family == "timm-vit" else _build_hf)(spec, local)
@@ -264,6 +273,8 @@ class Backbone:
         self._drop_blocks_past(max(spec.layers, default=0))
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model.to(self.device)
+        # bf16 autocast on CUDA by default (tensor cores; the tokens come back as float32).
+        self.bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
         self._mean = torch.tensor(spec.mean, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(spec.std, device=self.device).view(1, 3, 1, 1)
         self.num_prefix_tokens = self._count_prefix_tokens()
@@ -341,9 +352,8 @@ class Backbone:
             raise ValueError(f"expected frames [B, {size}, {size}, 3], got {frames.shape}")
         x = torch.from_numpy(np.ascontiguousarray(frames)).to(self.device)
         x = x.permute(0, 3, 1, 2).float().div_(255.0).sub_(self._mean).div_(self._std)
-        use_amp = self.device.type == "cuda"
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16,
-                                                    enabled=use_amp):
+                                                    enabled=self.bf16):
             tokens = self._traced_tokens(x) if self.trace else self._tokens(x)
             tokens = tokens.float()
         patches = tokens[:, self.num_prefix_tokens:]
@@ -407,9 +417,9 @@ def _cat_tokens(tokens: list):
 
 def create_backbone(name: str, weights: str | None = None, image_size: int | None = None,
                     device: str | None = None, layers: tuple[int, ...] | None = None,
-                    trace: bool | None = None) -> Backbone:
+                    trace: bool | None = None, precision: str = "auto") -> Backbone:
     return Backbone(get_spec(name, image_size, layers), weights=weights, device=device,
-                    trace=trace)
+                    trace=trace, precision=precision)
 
 
 def resize_frame(image: np.ndarray, size: int) -> np.ndarray:
