@@ -187,3 +187,17 @@ def test_split_is_by_clip_and_calibration_has_both_classes():
     pooled = np.concatenate([labels[c] for c in held])
     assert (pooled == 0).any() and (pooled == 1).any()
     assert split_clips(labels, 1 / 3, seed=0) == (held, rest)
+
+
+def test_sixteen_bit_frames_are_scaled_to_eight_bits(tmp_path):
+    from PIL import Image
+
+    from vitad_ray.frames import decode_item
+
+    ramp = (np.arange(28 * 28, dtype=np.uint32).reshape(28, 28) * 80).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    item = {"kind": "image", "path": str(tmp_path / "deep.png"), "clip": "c", "split": "test",
+            "label": 0, "frame_index": 0, "timestamp_s": 0.0}
+    (row,) = decode_item(item, (28,))
+    assert not row["error"]
+    assert np.array_equal(row["pixels_28"][:, :, 1], (ramp >> 8).astype(np.uint8))

@@ -95,7 +95,7 @@ def test_fit_and_serve_jobs_run_on_both_nodes_and_match_a_one_node_run(two_nodes
             [str(multi), "--port", str(port), "--embed-batch", "4"])
     frame = next((scene["root"] / "test").rglob("*.png")).read_bytes()
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
-        assert client.get("/v1/health").json()["status"] == "ok"
+        assert client.get("/v1/health").json()["status"] == "ready"
         r = client.post("/v1/detect", files=[("images", ("f.png", frame, "image/png"))])
         assert r.status_code == 200, r.text
         answer = r.json()["results"][0]

@@ -137,3 +137,31 @@ def test_projected_search_is_exact_and_falls_back_when_it_cannot_certify():
     tight = ProjectedSearch(dupes, dims=8, spare=16, second_round=1)
     np.testing.assert_array_equal(tight.search(q, k=3)[1], knn_stacked(q, dupes, k=3)[1])
     assert (tight.certified_, tight.second_round_, tight.fallback_) == (0, 0, 5)
+
+
+def test_hdbscan_state_is_stored_as_arrays_and_predicts_the_same(tmp_path):
+    import pickle
+
+    from sklearn.datasets import make_blobs
+
+    from vitad_ray.hdbscan_predict import (export_model, load_state, membership_from_neighbors,
+                                           save_state)
+
+    x, _ = make_blobs(400, n_features=16, centers=3, cluster_std=1.5, random_state=4)
+    x = x.astype(np.float32)
+    fitted = HDBSCANNormality().fit(x)
+    path = tmp_path / "patch-000.npz"
+    save_state(export_model(fitted.model_), path)
+    with np.load(path, allow_pickle=False) as z:  # plain arrays: nothing to unpickle
+        assert {"raw_tree", "cluster_tree", "core_distances", "cluster_map"} <= set(z.files)
+    state = load_state(path)
+    assert state.n_clusters == fitted.n_clusters_ == 3
+    q = x[:40] + np.random.default_rng(1).normal(0, 1.0, (40, 16)).astype(np.float32)
+    k = 2 * state.min_samples
+    dist, idx = knn_stacked(q[None], x[None], k=k)
+    np.testing.assert_allclose(1 - membership_from_neighbors(state, idx[0], dist[0]),
+                               fitted.score_samples(q), atol=1e-9)
+    # A pickle put where the state belongs is refused, not run.
+    path.write_bytes(pickle.dumps({"not": "arrays"}))
+    with pytest.raises(ValueError):
+        load_state(path)

@@ -83,7 +83,8 @@ def test_fit_writes_257_collections_with_counts_and_metadata(model, embedded):
         assert len(np.unique(cluster)) == doc["scopes"][scope]["k"]
         store.close()
     assert total == 257
-    assert len(list((model["dir"] / "hdbscan").glob("*.joblib"))) == 257
+    assert len(list((model["dir"] / "hdbscan").glob("*.npz"))) == 257
+    assert not list(model["dir"].rglob("*.joblib")) and not list(model["dir"].rglob("*.pkl"))
 
 
 def test_fit_resumes_without_redoing_finished_scopes(model, embedded):

@@ -60,7 +60,7 @@ def _detect(client, images, headers=AUTH, **fields):
 def test_health_model_and_schema(served, model):
     client = served["client"]
     health = client.get("/v1/health")  # no token needed
-    assert health.status_code == 200 and health.json()["status"] == "ok"
+    assert health.status_code == 200 and health.json()["status"] == "ready"
     assert client.get("/v1/model").status_code == 401
     assert client.get("/openapi.json").status_code == 401
     info = client.get("/v1/model", headers=AUTH).json()
@@ -74,6 +74,12 @@ def test_health_model_and_schema(served, model):
     body = schema["paths"]["/v1/detect"]["post"]["requestBody"]["content"]
     assert {"multipart/form-data", "application/json"} <= set(body)
     assert {"/v1/health", "/v1/model"} <= set(schema["paths"])
+    for kind in ("multipart/form-data", "application/json"):
+        images = body[kind]["schema"]["properties"]["images"]
+        assert (images["minItems"], images["maxItems"]) == (1, MAX_IMAGES)
+    assert schema["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    assert schema["paths"]["/v1/detect"]["post"]["security"] == [{"bearer": []}]
+    assert "security" not in schema["paths"]["/v1/health"]["get"]
 
 
 def test_answers_equal_vitad_score(served, offline_scores, test_frames):
@@ -117,7 +123,7 @@ def test_ingress_replica_answers_directly_on_127_0_0_1(served, test_frames):
     frames = test_frames[:2]
     via_proxy = _detect(served["client"], frames).json()["results"]
     with httpx.Client(base_url=urls[0], timeout=60) as direct:
-        assert direct.get("/v1/health").json()["status"] == "ok"
+        assert direct.get("/v1/health").json()["status"] == "ready"
         assert _detect(direct, frames, headers={}).status_code == 401
         bad = direct.post("/v1/detect", content=b"not an image", headers={
             **AUTH, "Content-Type": "image/png"})
@@ -221,9 +227,20 @@ def test_bad_input_gets_a_4xx_with_a_reason(served):
         "no token": (lambda: _detect(client, [("a.png", png)], headers={}), 401, "token"),
         "wrong token": (lambda: _detect(client, [("a.png", png)],
                                         headers={"Authorization": "Bearer nope"}), 401, "token"),
+        "non-ASCII token": (lambda: _detect(client, [("a.png", png)], headers={
+            "Authorization": "Bearer t\u00e9st".encode("latin-1")}), 401, "token"),
+        "nested JSON": (lambda: client.post("/v1/detect", headers={
+            **AUTH, "content-type": "application/json"},
+            content=b'{"images": ' + b"[" * 2000 + b"]" * 2000 + b"}"), 400, "nested deeper"),
+        "chunked body over the limit": (lambda: client.post("/v1/detect", headers={
+            **AUTH, "content-type": "application/json"},
+            content=(b"x" * 65536 for _ in range(64))), 413, "request body over the limit"),
+        "16-bit float image": (lambda: _detect(client, [("f.tif", _float_tiff())]), 422,
+                               "float images are not supported"),
     }
     for name, (send, status, reason) in cases.items():
         r = send()
+        assert r.headers["content-type"].startswith("application/json"), name
         assert r.status_code == status, f"{name}: {r.status_code} {r.text}"
         assert reason in r.json()["error"], f"{name}: {r.json()}"
     # The server keeps serving, and a good image in a request with the PNG works.
@@ -305,3 +322,11 @@ def test_replicas_run_at_the_configured_niceness(served):
             proxy.append(proc.nice())
     assert nice == {"Ingress": 0, "Embedder": 0, "ScopeShard0": 0, "ScopeShard1": 0}
     assert proxy and all(n > 0 for n in proxy)  # Ray's own (15): the option is what lowers ours
+
+
+def _float_tiff() -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.linspace(0, 1, 32 * 32, dtype=np.float32).reshape(32, 32)).save(buf, "TIFF")
+    return buf.getvalue()

@@ -8,7 +8,8 @@ import pytest
 
 from vitad_ray.serve import ServeConfig, effective_thresholds, model_id, shard_scopes
 from vitad_ray.serve_api import (ApiError, DetectOptions, ImageInput, Limits, check_content_length,
-                                 decode_image, frame_answer, images_from_json, parse_options)
+                                 decode_image, decode_images, frame_answer, images_from_json,
+                                 parse_options)
 
 DOC = {"backbone": "tiny-dinov2", "thresholds": {
     "kmeans": {"global": 1.0, "patch": 0.9}, "hdbscan": {"global": 0.5, "patch": 0.6},
@@ -98,3 +99,47 @@ def test_shards_are_contiguous_and_cover_every_scope_once():
     flat = [s for g in groups for s in g]
     assert len(flat) == 257 == len(set(flat)) and flat[0] == "global"
     assert [len(g) for g in groups] == [86, 86, 85]
+
+
+def test_deep_or_bracket_heavy_json_is_refused_before_parsing():
+    limits = Limits(max_images=2)
+    deep = b'{"images": ["a"], "x": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    status, reason = _status(images_from_json, deep, limits)
+    assert status == 400 and "nested deeper" in reason
+    many = b'{"images": ["a"], "x": [' + b'"",' * 10_000 + b'""]}'
+    assert _status(images_from_json, many, limits)[0] == 400
+    # Brackets and escaped quotes inside strings do not count as nesting.
+    ok = base64.b64encode(_png()).decode()
+    body = ('{"images": ["%s"], "stream": "cam [[[[[[[[[[ \\" {{{{{{{{{{ \\\\"}' % ok).encode()
+    images, opts = images_from_json(body, limits)
+    assert len(images) == 1 and opts["stream"].startswith("cam [[[")
+
+
+def test_sixteen_bit_images_are_scaled_not_clipped():
+    from PIL import Image
+
+    ramp = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(ramp).save(buf, "PNG")
+    with Image.open(io.BytesIO(buf.getvalue())) as img:
+        assert img.mode.startswith("I")  # PIL keeps the 16 bits
+    frame = decode_image(ImageInput("deep.png", buf.getvalue()), 64, Limits())
+    expected = (ramp >> 8).astype(np.uint8)
+    assert np.array_equal(frame[:, :, 0], expected) and np.array_equal(frame[:, :, 2], expected)
+    assert (frame == 255).mean() < 0.02  # PIL's own convert("RGB") gave ~100% white
+
+
+def test_pixel_limits_answer_413_for_one_image_and_for_a_request():
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS, before = 10_000, Image.MAX_IMAGE_PIXELS  # PIL's bomb bound
+    try:
+        big = _png(300, 300)  # 90,000 px: past PIL's bound above, which raises first
+        status, reason = _status(decode_image, ImageInput("huge.png", big), 28, Limits())
+        assert status == 413 and "pixel limit" in reason
+    finally:
+        Image.MAX_IMAGE_PIXELS = before
+    images = [ImageInput(f"{i}.png", _png(100, 100)) for i in range(3)]
+    assert len(decode_images(images, 28, Limits(max_request_pixels=30_000))) == 3
+    status, reason = _status(decode_images, images, 28, Limits(max_request_pixels=29_999))
+    assert status == 413 and "per request" in reason

@@ -127,12 +127,28 @@ def sample_video(path: str, fps: float | None) -> Iterator[tuple[int, float, np.
                     next_time += 1.0 / fps
 
 
+def image_rgb8(img) -> np.ndarray:
+    """A loaded PIL image as RGB uint8 [H, W, 3]. 16-bit images (PNG, TIFF) are scaled to 8
+    bits by their top byte: PIL's own ``convert("RGB")`` clips them, so nearly every pixel of a
+    16-bit frame would come out white. Float images are refused with the reason."""
+    mode = img.mode
+    if mode.startswith("I;16") or mode == "I":
+        values = np.asarray(img, dtype=np.int64)
+        if values.min() < 0 or values.max() > 0xFFFF:
+            raise ValueError(f"{mode} image with values outside 0..65535: not a 16-bit frame")
+        gray = (values >> 8).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if mode == "F":
+        raise ValueError("32-bit float images are not supported: send 8- or 16-bit frames")
+    return np.asarray(img.convert("RGB"))
+
+
 def _read_image(path: str) -> np.ndarray:
     from PIL import Image
 
     with Image.open(path) as img:
         img.load()  # forces a full decode: a truncated file fails here, not later
-        return np.asarray(img.convert("RGB"))
+        return image_rgb8(img)
 
 
 def decode_item(item: dict, sizes: Iterable[int]) -> Iterator[dict]:

@@ -58,9 +58,17 @@ def fit_hdbscan(x: np.ndarray, min_cluster_size: int, min_samples: int):
     return model
 
 
+class RawCondensedTree:
+    """What hdbscan's per-point prediction reads of a ``CondensedTree``: its raw structured
+    array (parent, child, lambda_val, child_size)."""
+
+    def __init__(self, raw_tree: np.ndarray):
+        self._raw_tree = raw_tree
+
+
 @dataclass
 class HDBSCANState:
-    condensed_tree: object
+    condensed_tree: RawCondensedTree
     cluster_tree: np.ndarray
     core_distances: np.ndarray
     cluster_map: dict
@@ -75,29 +83,41 @@ class HDBSCANState:
 def export_model(model) -> HDBSCANState:
     pred = model.prediction_data_
     return HDBSCANState(
-        condensed_tree=model.condensed_tree_,
-        cluster_tree=pred.cluster_tree,
+        condensed_tree=RawCondensedTree(np.asarray(model.condensed_tree_._raw_tree)),
+        cluster_tree=np.asarray(pred.cluster_tree),
         core_distances=np.asarray(pred.core_distances, np.float64),
-        cluster_map=dict(pred.cluster_map),
-        max_lambdas=dict(pred.max_lambdas),
+        cluster_map={int(k): int(v) for k, v in pred.cluster_map.items()},
+        max_lambdas={int(k): float(v) for k, v in pred.max_lambdas.items()},
         min_samples=int(model.min_samples or model.min_cluster_size),
     )
 
 
 def save_state(state: HDBSCANState, path: str | os.PathLike) -> None:
-    import joblib
-
+    """The state as plain arrays (``.npz``): a model directory is read without unpickling."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    joblib.dump(state, tmp, compress=3)
+    tmp = path.with_name(f".{path.name}.tmp")
+    cmap, lambdas = sorted(state.cluster_map.items()), sorted(state.max_lambdas.items())
+    with open(tmp, "wb") as fh:
+        np.savez_compressed(
+            fh, raw_tree=state.condensed_tree._raw_tree, cluster_tree=state.cluster_tree,
+            core_distances=state.core_distances,
+            cluster_map=np.asarray(cmap, np.int64).reshape(-1, 2),
+            max_lambda_keys=np.asarray([k for k, _ in lambdas], np.int64),
+            max_lambda_values=np.asarray([v for _, v in lambdas], np.float64),
+            min_samples=np.int64(state.min_samples))
     os.replace(tmp, path)
 
 
 def load_state(path: str | os.PathLike) -> HDBSCANState:
-    import joblib
-
-    return joblib.load(path)
+    with np.load(path, allow_pickle=False) as z:
+        return HDBSCANState(
+            condensed_tree=RawCondensedTree(z["raw_tree"]), cluster_tree=z["cluster_tree"],
+            core_distances=z["core_distances"],
+            cluster_map={int(k): int(v) for k, v in z["cluster_map"]},
+            max_lambdas={int(k): float(v) for k, v in zip(z["max_lambda_keys"],
+                                                          z["max_lambda_values"])},
+            min_samples=int(z["min_samples"]))
 
 
 def membership_from_neighbors(state: HDBSCANState, neighbor_idx: np.ndarray,

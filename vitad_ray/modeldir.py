@@ -26,7 +26,7 @@ def scope_marker(model_dir: str | os.PathLike, scope: str) -> Path:
 
 
 def hdbscan_path(model_dir: str | os.PathLike, scope: str) -> Path:
-    return Path(model_dir) / HDBSCAN_DIR / f"{scope}.joblib"
+    return Path(model_dir) / HDBSCAN_DIR / f"{scope}.npz"
 
 
 def read_model_json(model_dir: str | os.PathLike) -> dict:

@@ -65,10 +65,29 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: boo
     else:
         env = direct_ingress_env(direct_ingress_port) if direct_ingress_port else {}
         with environment(env):
-            ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+            start_local(num_cpus, **kwargs)
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     return ray
+
+
+def start_local(num_cpus: int | None, attempts: int = 2, **kwargs) -> None:
+    """A new local cluster of this process's own (``address="local"``: not one a ``ray start``
+    left running, which ``ray.init()`` would join). A start that times out on a loaded machine
+    (the raylet waits for its agent, then gives up) is tried again once."""
+    import ray
+
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
+            return
+        except Exception as exc:  # noqa: BLE001 - Ray raises plain Exceptions on a failed start
+            ray.shutdown()
+            if attempt == attempts:
+                raise RuntimeError(f"Ray's local cluster did not start ({attempts} tries): "
+                                   f"{exc}. The machine may be busy: run again, or join a "
+                                   "running cluster with --address") from None
+            print(f"Ray's local cluster did not start ({exc}); trying again", flush=True)

@@ -36,7 +36,7 @@ from . import __version__
 from .modeldir import read_model_json
 from .serve_api import (JSON_TYPES, METHODS, MULTIPART, SCOPES, ApiError, DetectOptions,
                         ImageInput, Limits, StreamRegistry,
-                        check_content_length, decode_image, detection_answer, frame_answer,
+                        check_content_length, decode_images, detection_answer, frame_answer,
                         images_from_form, images_from_json, media_type, parse_options)
 from .detect import StreamState
 from .store import GLOBAL, scope_names, shard_of
@@ -354,10 +354,11 @@ _OPTIONS_SCHEMA = {
 DETECT_BODY = {
     "requestBody": {"required": True, "content": {
         "multipart/form-data": {"schema": {"type": "object", "properties": {
-            "images": {"type": "array", "items": {"type": "string", "format": "binary"}},
+            "images": {"type": "array", "minItems": 1,
+                       "items": {"type": "string", "format": "binary"}},
             **_OPTIONS_SCHEMA}}},
         "application/json": {"schema": {"type": "object", "required": ["images"], "properties": {
-            "images": {"type": "array", "items": {"oneOf": [
+            "images": {"type": "array", "minItems": 1, "items": {"oneOf": [
                 {"type": "string", "format": "byte"},
                 {"type": "object", "properties": {"name": {"type": "string"},
                                                   "data": {"type": "string", "format": "byte"}}}]}},
@@ -381,6 +382,23 @@ def _error(status: int, reason: str, **extra) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
     return JSONResponse({"error": reason, "status": status, **extra}, status_code=status,
                         headers=headers)
+
+
+def _deployments_not_running(app: str = APP_NAME) -> list[str]:
+    """The app's deployments that are not HEALTHY (Serve's controller knows; asking it does not
+    queue behind the replicas' own work, as a call to each backend would under load)."""
+    try:
+        status = serve.status().applications[app]
+    except Exception as exc:  # noqa: BLE001 - no controller answer: not known to be ready
+        return [f"serve status unavailable ({exc.__class__.__name__})"]
+    return sorted(name for name, d in status.deployments.items()
+                  if str(getattr(d.status, "value", d.status)) != "HEALTHY")
+
+
+@api.exception_handler(Exception)
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    """A fault of the server still answers in the contract's JSON, never a traceback."""
+    return _error(500, f"internal error ({exc.__class__.__name__}); the server log has the rest")
 
 
 @serve.deployment
@@ -417,11 +435,18 @@ class Ingress:
             return True
         header = request.headers.get("authorization", "")
         scheme, _, value = header.partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(value.strip(), self.token)
+        # As bytes: compare_digest refuses str with non-ASCII characters (a TypeError, a 500).
+        given = value.strip().encode("utf-8", "surrogateescape")
+        return scheme.lower() == "bearer" and hmac.compare_digest(given, self.token.encode())
 
-    @api.get("/v1/health", summary="Liveness; never needs a token")
-    async def health(self) -> dict:
-        return {"status": "ok", "model_id": self.info["model_id"]}
+    @api.get("/v1/health", summary="Readiness; never needs a token: 200 ready, 503 starting")
+    async def health(self):
+        body = {"status": "ready", "model_id": self.info["model_id"]}
+        waiting = await asyncio.to_thread(_deployments_not_running)
+        if waiting:  # the ingress answers before every backend replica can score
+            return JSONResponse({**body, "status": "starting", "waiting_for": waiting},
+                                status_code=503)
+        return body
 
     @api.get("/v1/model", summary="The served model: backbone, weights, scopes, thresholds")
     async def model(self, request: Request):
@@ -440,6 +465,13 @@ class Ingress:
                                        description=api.description, routes=api.routes)
             self._schema.setdefault("components", {})["securitySchemes"] = {
                 "bearer": {"type": "http", "scheme": "bearer"}}
+            for path, ops in self._schema["paths"].items():
+                for op in ops.values():
+                    if self.token and path != "/v1/health":
+                        op["security"] = [{"bearer": []}]
+            body = self._schema["paths"]["/v1/detect"]["post"]["requestBody"]["content"]
+            for kind in ("multipart/form-data", "application/json"):
+                body[kind]["schema"]["properties"]["images"]["maxItems"] = self.limits.max_images
         return self._schema
 
     @api.post("/v1/detect", summary="Score one or many frames", openapi_extra=DETECT_BODY)
@@ -459,7 +491,8 @@ class Ingress:
                 raise ApiError(422, "this model was fitted without HDBSCAN; use method=kmeans")
             thresholds = None if self.crossclip else opts.thresholds(self.thresholds)
             t0 = time.perf_counter()
-            frames = [decode_image(img, self.image_size, self.limits) for img in images]
+            # Off the event loop: health checks and other requests go on while it decodes.
+            frames = await asyncio.to_thread(decode_images, images, self.image_size, self.limits)
             decode_ms = 1000 * (time.perf_counter() - t0)
         except ApiError as exc:
             return _error(exc.status, exc.reason)
@@ -594,8 +627,9 @@ class Ingress:
         check_content_length(request.headers.get("content-length"), self.limits)
         kind = media_type(request.headers.get("content-type"))
         fields = dict(request.query_params)
+        body = await self._read_body(request)
         if kind in JSON_TYPES:
-            images, body_fields = images_from_json(await request.body(), self.limits)
+            images, body_fields = images_from_json(body, self.limits)
             fields.update({k: v for k, v in body_fields.items() if v is not None})
         elif kind == MULTIPART:
             try:
@@ -611,17 +645,29 @@ class Ingress:
                     files.append((value.filename or key, await value.read()))
             images = images_from_form(files, self.limits)
         elif kind.startswith("image/"):
-            body = await request.body()
             if not body:
                 raise ApiError(400, "empty body")
             images = images_from_form([("body", body)], self.limits)
         elif not kind:
-            raise ApiError(415 if await request.body() else 400,
+            raise ApiError(415 if body else 400,
                            "no Content-Type: send multipart/form-data, application/json or image/*")
         else:
             raise ApiError(415, f"unsupported content type {kind!r}: send multipart/form-data, "
                                 "application/json or image/*")
         return images, parse_options(fields)
+
+    async def _read_body(self, request: Request) -> bytes:
+        """The body, counted as it streams in: a chunked body (no Content-Length) over the limit
+        gets its 413 as soon as it passes it, not after it was read whole."""
+        limit, size, chunks = self.limits.max_body_bytes, 0, []
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, f"request body over the limit of {limit} bytes")
+            chunks.append(chunk)
+        body = b"".join(chunks)
+        request._body = body  # Starlette's form parser reads a body already received from here
+        return body
 
     def _needs(self, shard: int, scope: str) -> bool:
         return (scope != "local" and self.has_global[shard]) or \

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .backbones import resize_frame
+from .frames import image_rgb8
 
 METHODS = ("kmeans", "hdbscan")
 SCOPES = ("global", "local", "both")
@@ -34,6 +35,10 @@ class Limits:
     max_images: int = 32
     max_image_bytes: int = 8 << 20
     max_pixels: int = 40_000_000  # decompression bombs: a small file can declare a huge canvas
+    # Pixels of all images of one request together: decoding is CPU time the ingress spends
+    # before any backend is asked, so one request may not buy an unbounded amount of it.
+    max_request_pixels: int = 160_000_000
+    max_json_depth: int = 8  # the contract nests 3 levels; deep nesting only costs the parser
 
     @property
     def max_body_bytes(self) -> int:
@@ -187,6 +192,7 @@ def images_from_json(body: bytes, limits: Limits) -> tuple[list[ImageInput], dic
     """JSON ``{"images": ["<base64>" | {"name": str, "data": "<base64>"}, ...], options...}``."""
     if not body:
         raise ApiError(400, 'empty body: expected JSON {"images": ["<base64>", ...]}')
+    _check_json_depth(body, limits.max_json_depth, 16 * limits.max_images + 1024)
     try:
         doc = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -219,6 +225,35 @@ def images_from_json(body: bytes, limits: Limits) -> tuple[list[ImageInput], dic
     return images, options
 
 
+def _check_json_depth(body: bytes, max_depth: int, max_tokens: int) -> None:
+    """Refuses JSON nested deeper than ``max_depth`` (Python's parser recurses per level) or
+    with more strings and brackets than the contract can use, before it is parsed."""
+    # Escaped backslashes, then escaped quotes, go first: what is left of '"' opens or closes
+    # a string. Base64 payloads hold none of these bytes, so this stays a few C-speed passes
+    # and a walk over a handful of bytes per image.
+    unescaped = body.replace(b"\\\\", b"").replace(b'\\"', b"")
+    structural = unescaped.translate(None, _NOT_STRUCTURAL)
+    depth, in_string = 0, False
+    for ch in structural[:max_tokens]:
+        if ch == 0x22:  # '"'
+            in_string = not in_string
+        elif in_string:
+            continue
+        elif ch in (0x5B, 0x7B):  # '[', '{'
+            depth += 1
+            if depth > max_depth:
+                raise ApiError(400, f"JSON nested deeper than {max_depth} levels; the request "
+                                    'is {"images": [...], options...}')
+        else:  # ']', '}'
+            depth -= 1
+    if len(structural) > max_tokens:
+        raise ApiError(400, f"JSON body has {len(structural)} strings and brackets, more than a "
+                            'request {"images": [...], options...} can hold')
+
+
+_NOT_STRUCTURAL = bytes(b for b in range(256) if b not in b'"[]{}')
+
+
 def images_from_form(files: list[tuple[str, bytes]], limits: Limits) -> list[ImageInput]:
     _check_count(len(files), limits)
     return [_checked(ImageInput(name, data), limits) for name, data in files]
@@ -246,21 +281,53 @@ def decode_image(image: ImageInput, size: int, limits: Limits) -> np.ndarray:
 
     try:
         with Image.open(io.BytesIO(image.data)) as img:
-            if img.width * img.height > limits.max_pixels:
-                raise ApiError(413, f"{image.name} is {img.width}x{img.height} pixels, over the "
-                                    f"limit of {limits.max_pixels}")
+            _check_pixels(image.name, img.width, img.height, limits)
             img.load()  # a truncated file fails here, not later
-            pixels = np.asarray(img.convert("RGB"))
+            pixels = image_rgb8(img)
     except ApiError:
         raise
+    except Image.DecompressionBombError as exc:  # PIL's own bound, past ours
+        raise ApiError(413, f"{image.name} is over the pixel limit of {limits.max_pixels}: "
+                            f"{exc}") from None
     except UnidentifiedImageError:
         raise ApiError(422, f"{image.name} is not an image PIL can read "
                             f"(first bytes {image.data[:8]!r})") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except (OSError, SyntaxError, ValueError) as exc:
         raise ApiError(422, f"{image.name} cannot be decoded: {exc}") from None
     if pixels.size == 0:
         raise ApiError(422, f"{image.name} has no pixels")
     return resize_frame(pixels, size)
+
+
+def _check_pixels(name: str, width: int, height: int, limits: Limits) -> None:
+    if width * height > limits.max_pixels:
+        raise ApiError(413, f"{name} is {width}x{height} pixels, over the limit of "
+                            f"{limits.max_pixels}")
+
+
+def decode_images(images: list[ImageInput], size: int, limits: Limits) -> list[np.ndarray]:
+    """Every image of a request, after its headers alone show the request within the pixel
+    budget (a header costs microseconds; a 36 Mpx decode, a second)."""
+    from PIL import Image
+
+    total = 0
+    for image in images:
+        try:
+            with Image.open(io.BytesIO(image.data)) as img:
+                _check_pixels(image.name, img.width, img.height, limits)
+                total += img.width * img.height
+        except ApiError:
+            raise
+        except Image.DecompressionBombError as exc:
+            raise ApiError(413, f"{image.name} is over the pixel limit of {limits.max_pixels}: "
+                                f"{exc}") from None
+        except Exception:  # noqa: BLE001 - unreadable: decode_image gives the reason below
+            continue
+    if total > limits.max_request_pixels:
+        raise ApiError(413, f"the request's images hold {total} pixels together, over the limit "
+                            f"of {limits.max_request_pixels} per request: send fewer or smaller "
+                            "images per request")
+    return [decode_image(img, size, limits) for img in images]
 
 
 def detection_answer(index: int, name: str, opts: DetectOptions, det, row: int, grid: int,
