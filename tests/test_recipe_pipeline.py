@@ -212,4 +212,7 @@ def test_report_renders_an_evaluation(default_scores, default_model, tmp_path, c
     assert main(["report", str(tmp_path / "run")]) == 0  # the evaluate output folder
     assert (run / "report" / "index.html").exists() and (run / "report" / "roc.png").exists()
     assert main(["report", str(tmp_path / "nowhere")]) == 2
+    assert "run_dir" in capsys.readouterr().err  # named before anything is read
+    (tmp_path / "empty").mkdir()
+    assert main(["report", str(tmp_path / "empty")]) == 2
     assert "neither a run folder" in capsys.readouterr().err

@@ -38,7 +38,8 @@ def _add_sources(p: argparse.ArgumentParser) -> None:
     p.add_argument("--manifest", help="CSV with split, clip, frame_index, label, path")
     p.add_argument("--frames", action="append", default=[], help="folder of clip folders of images")
     p.add_argument("--videos", action="append", default=[], help="video file or folder of videos")
-    p.add_argument("--split", default="", help="split of --frames / --videos (train or test)")
+    p.add_argument("--split", default="", choices=("train", "test"),
+                   help="split of --frames / --videos (default: none)")
     p.add_argument("--fps", type=float, default=None,
                    help="video sampling rate (default 4.17, the paper's; 0 = every frame)")
 
@@ -66,7 +67,10 @@ def _add_fit(p: argparse.ArgumentParser, several: bool = False) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="vitad", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"vitad {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     sub.add_parser("backbones", help="list registered backbones")
@@ -170,8 +174,6 @@ def _choices(args, default: str, recipes=None):
 
     names = args.backbones or [default]
     weights = args.weights or []
-    if len(weights) > len(names):
-        raise SystemExit("more --weights than --backbone")
     weights = weights + [None] * (len(names) - len(weights))
     recipes = recipes or [DEFAULT]
     sizes = {r.image_size for r in recipes if r.image_size is not None}
@@ -218,37 +220,6 @@ def _feature_groups(args, recipes) -> list[tuple[str, list]]:
             for i, (size, rs) in enumerate(groups.items())]
 
 
-def _items(args) -> list[dict]:
-    from .frames import PAPER_FPS, items_from_frame_folder, items_from_manifest, items_from_videos
-
-    items = []
-    if args.manifest:
-        items += items_from_manifest(args.manifest)
-    for folder in args.frames:
-        items += items_from_frame_folder(folder, args.split)
-    if args.videos:
-        fps = PAPER_FPS if args.fps is None else args.fps
-        items += items_from_videos(args.videos, args.split, fps=fps)
-    if not items:
-        raise SystemExit("nothing to embed: give --manifest, --frames or --videos")
-    return items
-
-
-def _recipe(args, name):
-    """A recipe with the flags that change it applied."""
-    from .detect import get_recipe
-
-    recipe = get_recipe(name)
-    changes = {}
-    if args.target_fpr is not None:
-        changes["target_fpr"] = args.target_fpr
-    if args.k_max is not None:
-        changes["k_max"] = args.k_max
-    if args.no_hdbscan:
-        changes["hdbscan"] = False
-    return recipe.replace(**changes) if changes else recipe
-
-
 def _fit_config(args, recipe):
     from .fit import FitConfig
 
@@ -256,12 +227,14 @@ def _fit_config(args, recipe):
 
 
 def cmd_embed(args) -> dict:
+    from .checks import DEFAULT_BACKBONE, check_embed
+
+    items = check_embed(args)
     from .embed import run_embedding
     from .runtime import init_ray
 
     init_ray(args.address, args.num_cpus)
-    items = _items(args)
-    choices = _choices(args, "dinov2-s14")
+    choices = _choices(args, DEFAULT_BACKBONE)
     _say(f"embedding {len(items)} source items with {', '.join(c.name for c in choices)}")
     res = run_embedding(items, choices, args.out, batch_size=args.batch_size,
                         actors_per_backbone=args.actors)
@@ -275,10 +248,12 @@ def cmd_embed(args) -> dict:
 
 
 def cmd_fit(args) -> dict:
+    from .checks import check_fit
+
+    (recipe,) = check_fit(args)
     from .fit import fit_recipe
     from .runtime import init_ray
 
-    recipe = _recipe(args, args.recipe)
     init_ray(args.address, args.num_cpus)
     res = fit_recipe(args.embeddings, args.out, recipe, _fit_config(args, recipe))
     _say(_fit_line(recipe, res))
@@ -297,6 +272,9 @@ def _fit_line(recipe, res) -> str:
 
 
 def cmd_score(args) -> dict:
+    from .checks import check_score
+
+    check_score(args)
     from .runtime import init_ray
     from .score import score_embeddings
 
@@ -361,12 +339,14 @@ def serve_config(args):
 
 
 def cmd_serve(args) -> dict:
+    from .checks import check_serve
+
+    cfg = check_serve(args)
     from ray import serve
 
     from .runtime import init_ray
     from .serve import direct_urls, start
 
-    cfg = serve_config(args)
     init_ray(args.address, args.num_cpus, direct_ingress_port=args.direct_port)
     url = start(cfg)
     direct = direct_urls(cfg)
@@ -380,6 +360,13 @@ def cmd_serve(args) -> dict:
              "direct_ingress_env); serving through the proxy only")
     if args.detach:
         return {"url": url, "direct_urls": direct}
+
+    def stop(signum, frame):  # SIGTERM (a service manager, `kill`) stops like Ctrl-C
+        raise KeyboardInterrupt
+
+    import signal
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         while True:
             time.sleep(3600)
@@ -391,7 +378,10 @@ def cmd_serve(args) -> dict:
 
 
 def cmd_report(args) -> dict:
+    from .checks import existing_dir
     from .report import build_report, run_folders
+
+    existing_dir("run_dir", args.run_dir, "a `vitad evaluate --out` folder or a run folder")
 
     folders = run_folders(args.run_dir)
     if args.out and len(folders) > 1:
@@ -437,21 +427,24 @@ def run_pipeline(args, items: list[dict], default_backbone: str,
                  default_recipes=("default", "paper")) -> dict:
     """embed -> fit (train split) -> score (test split) -> evaluate, for every backbone and
     recipe; returns the summaries."""
-    from .embed import run_embedding
-    from .evaluate import evaluate_run, write_evaluation_run, write_report
-    from .report import build_report
-    from .fit import fit_recipe
-    from .metrics import to_markdown
-    from .modeldir import read_model_json, write_thresholds
-    from .runtime import init_ray
-    from .score import score_embeddings
+    from .checks import UsageError, check_pipeline, recipes as checked_recipes
 
-    recipes = [_recipe(args, r) for r in (args.recipes or default_recipes)]
+    check_pipeline(args, default_backbone)
+    recipes = checked_recipes(args, args.recipes or default_recipes)
     if args.image_size:
         recipes = [r.replace(image_size=args.image_size) for r in recipes]
     names = [r.name for r in recipes]
     if len(set(names)) != len(names):
-        raise SystemExit(f"recipes named twice: {names}")
+        raise UsageError("--recipe", f"recipes named twice: {names}")
+    from .embed import run_embedding
+    from .evaluate import evaluate_run, write_evaluation_run, write_report
+    from .fit import fit_recipe
+    from .metrics import to_markdown
+    from .modeldir import read_model_json, write_thresholds
+    from .report import build_report
+    from .runtime import init_ray
+    from .score import score_embeddings
+
     groups = [(folder, rs, _choices(args, default_backbone, rs))
               for folder, rs in _feature_groups(args, recipes)]
     init_ray(args.address, args.num_cpus)
@@ -515,9 +508,9 @@ def run_pipeline(args, items: list[dict], default_backbone: str,
 
 
 def cmd_evaluate(args) -> dict:
-    from .frames import items_from_manifest
+    from .checks import DEFAULT_BACKBONE, manifest_items
 
-    return run_pipeline(args, items_from_manifest(args.manifest), "dinov2-s14")
+    return run_pipeline(args, manifest_items(args.manifest), DEFAULT_BACKBONE)
 
 
 def cmd_demo(args) -> dict:

@@ -10,13 +10,17 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from .frames import ID_COLUMNS
+
+# pandas and pyarrow are imported where they are used: reading a folder's metadata (the CLI's
+# input checks) must not cost their seconds of import.
+if TYPE_CHECKING:
+    import pandas as pd
+    import pyarrow as pa
 
 # A leading "_" (and "." for unfinished parts) keeps pyarrow's dataset discovery from reading
 # these files as data: `pq.read_table(folder)` sees the parts only.
@@ -28,6 +32,8 @@ VIDEOS_FILE = "_videos.json"
 
 def _fixed_list(values: np.ndarray) -> pa.Array:
     """Nested fixed-size lists for a float32 array of any rank >= 2 (first axis = rows)."""
+    import pyarrow as pa
+
     flat = pa.array(np.ascontiguousarray(values, dtype=np.float32).reshape(-1))
     for width in reversed(values.shape[1:]):
         flat = pa.FixedSizeListArray.from_arrays(flat, int(width))
@@ -35,6 +41,8 @@ def _fixed_list(values: np.ndarray) -> pa.Array:
 
 
 def _to_numpy(column: pa.ChunkedArray, shape: tuple[int, ...]) -> np.ndarray:
+    import pyarrow as pa
+
     flat = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     for _ in shape:
         flat = flat.flatten()
@@ -42,6 +50,8 @@ def _to_numpy(column: pa.ChunkedArray, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def identity_table(rows: dict) -> dict:
+    import pyarrow as pa
+
     return {
         "frame_id": pa.array(rows["frame_id"], pa.string()),
         "clip": pa.array(rows["clip"], pa.string()),
@@ -64,12 +74,17 @@ class EmbeddingWriter:
             if videos.exists() else {}
 
     def existing_frame_ids(self) -> set[str]:
+        import pyarrow.parquet as pq
+
         parts = sorted(self.out_dir.glob("part-*.parquet"))
         if not parts:
             return set()
         return set(pq.read_table(parts, columns=["frame_id"]).column("frame_id").to_pylist())
 
     def write(self, rows: dict, global_: np.ndarray, local: np.ndarray) -> Path:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
         columns = identity_table(rows)
         columns["global"] = _fixed_list(global_)
         columns["local"] = _fixed_list(local)
@@ -123,6 +138,9 @@ class Embeddings:
 
 def load_embeddings(emb_dir: str | os.PathLike, splits: list[str] | None = None,
                     clips: list[str] | None = None, with_local: bool = True) -> Embeddings:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     metadata = read_metadata(emb_dir)
     parts = sorted(Path(emb_dir).glob("part-*.parquet"))
     if not parts:
