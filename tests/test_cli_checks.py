@@ -71,3 +71,18 @@ def test_real_weights_folder_passes_the_checks():
         backbones, weights, image_size, layers = ["dinov2-s14"], [str(DINOV2_S)], 224, "9"
 
     backbones(Args())  # no error
+
+
+def test_every_flag_of_every_command_has_help():
+    import argparse
+
+    from vitad_ray.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, command in sub.choices.items():
+        for action in command._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help, f"vitad {name} {action.option_strings or action.dest}: no help"
+    assert "(default: 8000)" in sub.choices["serve"].format_help()

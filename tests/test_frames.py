@@ -201,3 +201,16 @@ def test_sixteen_bit_frames_are_scaled_to_eight_bits(tmp_path):
     (row,) = decode_item(item, (28,))
     assert not row["error"]
     assert np.array_equal(row["pixels_28"][:, :, 1], (ramp >> 8).astype(np.uint8))
+
+
+@pytest.mark.parametrize("fps", [0, 2, 3, 4.17, 8])
+def test_a_videos_expected_frames_are_the_frames_it_gives(tmp_path, fps):
+    from vitad_ray.frames import expected_frames, items_from_videos, sample_video
+    from vitad_ray.synthetic import write_video
+
+    frames = [np.full((32, 48, 3), i * 5, np.uint8) for i in range(40)]
+    write_video(tmp_path / "clip.mp4", frames, 8.0)
+    (item,) = items_from_videos([tmp_path / "clip.mp4"], "train", fps=fps)
+    given = sum(1 for _ in sample_video(item["path"], item["fps"] or None))
+    assert expected_frames(item) == given
+    assert expected_frames({"kind": "video", "path": str(tmp_path / "nope.mp4"), "fps": 0}) is None

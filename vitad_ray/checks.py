@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-SPLITS = ("train", "test")
 DEFAULT_BACKBONE = "dinov2-s14"  # of `vitad embed` and `vitad evaluate`
 
 
@@ -224,9 +223,6 @@ def check_fit(args) -> list:
 def check_score(args) -> None:
     model_dir("model", args.model)
     embeddings_dir("embeddings", args.embeddings)
-    for split in args.split or []:
-        if split not in SPLITS:
-            raise UsageError("--split", f"one of {list(SPLITS)}, got {split!r}")
     methods = args.methods.split(",")
     bad = [m for m in methods if m not in ("kmeans", "hdbscan")]
     if bad:

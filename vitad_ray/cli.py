@@ -30,7 +30,7 @@ def _add_backbone(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", default=None,
                    help="blocks to take tokens from, concatenated, e.g. 9,12, or 'last' "
                         "(default: the default recipe's block, 3/4 of the backbone's depth)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="frames per forward pass")
     p.add_argument("--actors", type=int, help="embedder actors per backbone")
 
 
@@ -66,12 +66,26 @@ def _add_fit(p: argparse.ArgumentParser, several: bool = False) -> None:
     p.add_argument("--no-hdbscan", action="store_true", help="paper recipe: fit k-Means only")
 
 
+class _ShowDefaults(argparse.HelpFormatter):
+    """Every flag's help ends with its default, unless the help says it already or there is
+    none to show."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, [], argparse.SUPPRESS) \
+                or action.required:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     parser = argparse.ArgumentParser(prog="vitad", description=__doc__)
     parser.add_argument("--version", action="version", version=f"vitad {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_parser = sub.add_parser
+    sub.add_parser = lambda *a, **k: _add_parser(*a, formatter_class=_ShowDefaults, **k)
 
     sub.add_parser("backbones", help="list registered backbones")
 
@@ -88,13 +102,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ray(p)
 
     p = sub.add_parser("score", help="score frames against a model")
-    p.add_argument("model")
-    p.add_argument("embeddings")
+    p.add_argument("model", help="model directory written by `vitad fit`")
+    p.add_argument("embeddings", help="one backbone's embeddings folder")
     p.add_argument("--out", required=True, help="scores Parquet file")
-    p.add_argument("--index", choices=["exact", "chroma"], default="exact")
-    p.add_argument("--split", action="append", help="only these splits (default: all)")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--methods", default="kmeans,hdbscan")
+    p.add_argument("--index", choices=["exact", "chroma"], default="exact",
+                   help="paper recipe: in-memory exact search or the Chroma stores' HNSW")
+    p.add_argument("--split", action="append", choices=("train", "test"),
+                   help="only this split; repeat for both (default: all)")
+    p.add_argument("--batch-size", type=int, default=128, help="frames per scoring block")
+    p.add_argument("--methods", default="kmeans,hdbscan",
+                   help="paper recipe: kmeans and/or hdbscan, comma-separated")
     _add_ray(p)
 
     p = sub.add_parser("verify", help="check that every scope of a model is stored whole")
@@ -103,19 +120,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="serve a model over HTTP (Ray Serve): POST /v1/detect")
     p.add_argument("model", help="model directory written by `vitad fit`")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="HTTP port")
     p.add_argument("--weights", help="backbone weights (default: the ones model.json names; "
                                      "they must hash to the fitted ones)")
     p.add_argument("--shards", type=int, help="ScopeShard deployments (default: the model's "
                                               "store shards)")
-    p.add_argument("--index", choices=["exact", "chroma"], default="exact")
+    p.add_argument("--index", choices=["exact", "chroma"], default="exact",
+                   help="paper recipe: in-memory exact search or the Chroma stores' HNSW")
     p.add_argument("--token", help="bearer token for every route but /v1/health "
                                    "(default: $VITAD_SERVE_TOKEN; none = open)")
-    p.add_argument("--embed-batch", type=int, default=16)
-    p.add_argument("--shard-batch", type=int, default=32)
-    p.add_argument("--batch-wait-ms", type=float, default=10.0)
-    p.add_argument("--embed-replicas", type=int, default=1)
-    p.add_argument("--shard-replicas", type=int, default=1)
+    p.add_argument("--embed-batch", type=int, default=16, help="frames per forward pass")
+    p.add_argument("--shard-batch", type=int, default=32, help="frames per shard search")
+    p.add_argument("--batch-wait-ms", type=float, default=10.0,
+                   help="how long the ingress gathers frames of concurrent requests")
+    p.add_argument("--embed-replicas", type=int, default=1, help="Embedder replicas")
+    p.add_argument("--shard-replicas", type=int, default=1, help="replicas of each shard")
     p.add_argument("--thresholds", type=json.loads, default={},
                    help='overrides, e.g. \'{"kmeans": {"global": 0.9, "patch": 0.95}}\'')
     p.add_argument("--config", help="JSON or YAML file of serve settings (flags win)")
@@ -150,18 +169,24 @@ def build_parser() -> argparse.ArgumentParser:
                            ("demo", "the whole pipeline on a generated scene, no download")):
         p = sub.add_parser(name, help=helptext)
         if name == "evaluate":
-            p.add_argument("--manifest", required=True)
+            p.add_argument("--manifest", required=True,
+                           help="CSV with split, clip, frame_index, label, path[, mask_path]")
             p.add_argument("--out", required=True, help="run directory")
         else:
             p.add_argument("--out", default="runs/demo", help="run directory")
-            p.add_argument("--frames-per-clip", type=int, default=48)
+            p.add_argument("--frames-per-clip", type=int, default=48,
+                           help="frames of each generated clip")
         _add_backbone(p)
         _add_fit(p, several=True)
         _add_ray(p)
-        p.add_argument("--index", choices=["exact", "chroma"], default="exact")
-        p.add_argument("--threshold-mode", choices=["calibrated", "paper"], default="calibrated")
-        p.add_argument("--calib-fraction", type=float, default=1 / 3)
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--index", choices=["exact", "chroma"], default="exact",
+                       help="paper recipe: in-memory exact search or the Chroma stores' HNSW")
+        p.add_argument("--threshold-mode", choices=["calibrated", "paper"], default="calibrated",
+                       help="calibrated: thresholds from held-out test clips; paper: chosen on "
+                            "the evaluated frames (max F2), as the paper did")
+        p.add_argument("--calib-fraction", type=float, default=1 / 3,
+                       help="share of the test clips that calibrate thresholds")
+        p.add_argument("--seed", type=int, default=0, help="which clips calibrate")
     return parser
 
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from .backbones import create_backbone, get_spec, weights_fingerprint
 from .embeddings import EmbeddingWriter, write_metadata
-from .frames import ID_COLUMNS, decode_item, video_fingerprint
+from .frames import ID_COLUMNS, decode_item, expected_frames, video_fingerprint
 from .progress import Progress
 from .versions import package_versions
 
@@ -200,7 +200,8 @@ def run_embedding(items: list[dict], choices: list[BackboneChoice], out_root: st
     videos = _VideoTally(todo)
     start = time.perf_counter()
     metadata_written: set[str] = set()
-    progress = Progress("embed", total=sum(it["kind"] == "image" for it in todo) or None,
+    counts = [expected_frames(it) for it in todo]
+    progress = Progress("embed", total=None if None in counts else sum(counts) or None,
                         enabled=show_progress)
     if todo:
         ds = build_dataset(todo, choices, batch_size, actors_per_backbone, threads_per_actor)

@@ -127,6 +127,34 @@ def sample_video(path: str, fps: float | None) -> Iterator[tuple[int, float, np.
                     next_time += 1.0 / fps
 
 
+def expected_frames(item: dict) -> int | None:
+    """Frames an item gives: 1 for an image; for a video, what its header says (frame count,
+    or duration at the sampling rate), without decoding; None when the header does not say."""
+    if item["kind"] == "image":
+        return 1
+    import av
+
+    try:
+        with av.open(str(item["path"])) as container:
+            stream = container.streams.video[0]
+            rate = float(stream.average_rate or stream.guessed_rate or 0)
+            if stream.duration is not None and stream.time_base is not None:
+                seconds = float(stream.duration * stream.time_base)
+            elif container.duration:
+                seconds = container.duration / 1e6
+            else:
+                seconds = stream.frames / rate if stream.frames and rate else 0.0
+    except Exception:  # noqa: BLE001 - unreadable: decoding reports it
+        return None
+    fps = float(item.get("fps") or 0) or rate
+    if fps >= rate and stream.frames:  # every frame
+        return int(stream.frames)
+    if not seconds or not fps:
+        return None
+    last = max(0.0, seconds - 1.0 / rate) if rate else seconds  # the last frame's time
+    return int(np.floor(last * fps + 1e-9)) + 1
+
+
 def image_rgb8(img) -> np.ndarray:
     """A loaded PIL image as RGB uint8 [H, W, 3]. 16-bit images (PNG, TIFF) are scaled to 8
     bits by their top byte: PIL's own ``convert("RGB")`` clips them, so nearly every pixel of a
