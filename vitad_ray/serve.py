@@ -43,6 +43,7 @@ from .store import GLOBAL, scope_names, shard_of
 
 TOKEN_ENV = "VITAD_SERVE_TOKEN"
 APP_NAME = "vitad"
+BACKEND_WATCH_S = 1.0  # how often a waiting request looks whether a backend replica died
 
 
 @dataclass
@@ -416,6 +417,7 @@ class Ingress:
         self.has_global = [s["first"] == GLOBAL for s in info["shards"]]
         self.has_patches = [s["n_patches"] > 0 for s in info["shards"]]
         self._infer.set_max_batch_size(settings["batch"])
+        self._down, self._down_checked_at = [], 0.0
         self._infer_streams.set_max_batch_size(settings["batch"])
         self.batch_wait_s, self.in_flight = settings["batch_wait_s"], 0
         self._schema: dict | None = None
@@ -518,11 +520,24 @@ class Ingress:
         batch waits a little so that their frames share the forward pass and the search."""
         self.in_flight += n_frames
         batched.set_batch_wait_timeout_s(self.batch_wait_s if self.in_flight > 1 else 0.0)
+        task = asyncio.ensure_future(call())
+        deadline = time.monotonic() + self.timeout_s
         try:
-            return await asyncio.wait_for(call(), self.timeout_s)
-        except asyncio.TimeoutError:
-            return _error(504, f"no answer from the backends within {self.timeout_s:.0f} s",
-                          retry=True)
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=BACKEND_WATCH_S)
+                if done:
+                    return task.result()
+                if time.monotonic() >= deadline:
+                    task.cancel()
+                    return _error(504, f"no answer from the backends within "
+                                       f"{self.timeout_s:.0f} s", retry=True)
+                # A request routed to a replica that died waits for its successor (a minute
+                # for a shard to load): say so now rather than at the timeout.
+                waiting = await self._backends_down()
+                if waiting:
+                    task.cancel()
+                    return _error(503, f"a backend replica is restarting ({', '.join(waiting)})",
+                                  retry=True)
         except ApiError:
             raise
         except Exception as exc:  # a replica died or failed mid-request
@@ -530,6 +545,15 @@ class Ingress:
                                f"{str(exc).splitlines()[0][:300] if str(exc) else ''}", retry=True)
         finally:
             self.in_flight -= n_frames
+
+    async def _backends_down(self) -> list[str]:
+        """The app's deployments that are not running, asked of Serve's controller at most
+        once per ``BACKEND_WATCH_S`` whatever the number of requests waiting."""
+        now = time.monotonic()
+        if now - self._down_checked_at >= BACKEND_WATCH_S:
+            self._down_checked_at = now
+            self._down = await asyncio.to_thread(_deployments_not_running)
+        return self._down
 
     def _check_stream_options(self, opts: DetectOptions) -> None:
         recipe = self.info["recipe"]["name"]
