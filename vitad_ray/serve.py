@@ -43,7 +43,7 @@ from .store import GLOBAL, scope_names, shard_of
 
 TOKEN_ENV = "VITAD_SERVE_TOKEN"
 APP_NAME = "vitad"
-BACKEND_WATCH_S = 1.0  # how often a waiting request looks whether a backend replica died
+BACKEND_WATCH_S = 0.5  # how often a waiting request looks whether a backend replica died
 
 
 @dataclass
@@ -97,6 +97,9 @@ class ServeConfig:
     max_streams: int = 1024
     stream_idle_s: float = 300.0
     request_timeout_s: float = 60.0
+    # How often Serve checks a backend replica: a dead one is noticed (its requests answered
+    # 503, a successor started) within this, where Serve's default is 10 s.
+    health_check_s: float = 1.0
     host: str = "127.0.0.1"
     port: int = 8000
     route_prefix: str = "/"
@@ -386,14 +389,20 @@ def _error(status: int, reason: str, **extra) -> JSONResponse:
 
 
 def _deployments_not_running(app: str = APP_NAME) -> list[str]:
-    """The app's deployments that are not HEALTHY (Serve's controller knows; asking it does not
-    queue behind the replicas' own work, as a call to each backend would under load)."""
+    """The app's deployments with no running replica (Serve's controller knows; asking it does
+    not queue behind the replicas' own work, as a call to each backend would under load). A
+    deployment replacing one of several replicas still runs on the others: not listed."""
     try:
         status = serve.status().applications[app]
     except Exception as exc:  # noqa: BLE001 - no controller answer: not known to be ready
         return [f"serve status unavailable ({exc.__class__.__name__})"]
-    return sorted(name for name, d in status.deployments.items()
-                  if str(getattr(d.status, "value", d.status)) != "HEALTHY")
+    down = []
+    for name, d in status.deployments.items():
+        running = sum(n for state, n in d.replica_states.items()
+                      if str(getattr(state, "value", state)) == "RUNNING")
+        if not running:
+            down.append(name)
+    return sorted(down)
 
 
 @api.exception_handler(Exception)
@@ -808,11 +817,13 @@ def build_app(cfg: ServeConfig):
     gpu = cfg.use_gpu if cfg.use_gpu is not None else _cluster_has_gpu()
     embedder = Embedder.options(
         num_replicas=cfg.embed_replicas, max_ongoing_requests=4 * cfg.embed_batch,
+        health_check_period_s=cfg.health_check_s,
         ray_actor_options=_replica_options(cfg, cfg.embed_cpus, 1 if gpu else 0),
     ).bind(doc["backbone"], weights, int(doc["embeddings"]["image_size"]), cfg.embed_threads,
            cfg.embed_batch, backend_wait_s, model_layers(doc),
            cfg.embed_trace)
     shard_options = dict(num_replicas=cfg.shard_replicas, max_ongoing_requests=4 * cfg.shard_batch,
+                         health_check_period_s=cfg.health_check_s,
                          ray_actor_options=_replica_options(cfg, cfg.shard_cpus))
     shard_batch = max(cfg.shard_batch, cfg.embed_batch)
     if info["recipe"]["kind"] == "paper":
