@@ -22,6 +22,12 @@ def direct_ingress_env(port: int) -> dict[str, str]:
             "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
 
 
+# A local cluster's node agent serves Prometheus metrics on every interface without a token
+# (deployment names, routes, request counts, the node's address); the raylet reads this and
+# starts the agent without that server.
+LOCAL_CLUSTER_ENV = {"RAY_enable_metrics_collection": "0"}
+
+
 @contextlib.contextmanager
 def environment(values: dict[str, str]):
     """``values`` in os.environ for the block (the processes a cluster start spawns inherit
@@ -63,7 +69,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: boo
     if address:
         ray.init(address=address, **kwargs)
     else:
-        env = direct_ingress_env(direct_ingress_port) if direct_ingress_port else {}
+        env = dict(LOCAL_CLUSTER_ENV)
+        if direct_ingress_port:
+            env.update(direct_ingress_env(direct_ingress_port))
         with environment(env):
             start_local(num_cpus, **kwargs)
     import ray.data
