@@ -453,7 +453,7 @@ class Ingress:
     @api.get("/v1/health", summary="Readiness; never needs a token: 200 ready, 503 starting")
     async def health(self):
         body = {"status": "ready", "model_id": self.info["model_id"]}
-        waiting = await asyncio.to_thread(_deployments_not_running)
+        waiting = await self._backends_down()
         if waiting:  # the ingress answers before every backend replica can score
             return JSONResponse({**body, "status": "starting", "waiting_for": waiting},
                                 status_code=503)

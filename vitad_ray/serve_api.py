@@ -287,8 +287,7 @@ def decode_image(image: ImageInput, size: int, limits: Limits) -> np.ndarray:
     except ApiError:
         raise
     except Image.DecompressionBombError as exc:  # PIL's own bound, past ours
-        raise ApiError(413, f"{image.name} is over the pixel limit of {limits.max_pixels}: "
-                            f"{exc}") from None
+        raise _over_pixels(image, limits, exc) from None
     except UnidentifiedImageError:
         raise ApiError(422, f"{image.name} is not an image PIL can read "
                             f"(first bytes {image.data[:8]!r})") from None
@@ -297,6 +296,10 @@ def decode_image(image: ImageInput, size: int, limits: Limits) -> np.ndarray:
     if pixels.size == 0:
         raise ApiError(422, f"{image.name} has no pixels")
     return resize_frame(pixels, size)
+
+
+def _over_pixels(image: ImageInput, limits: Limits, exc: Exception) -> ApiError:
+    return ApiError(413, f"{image.name} is over the pixel limit of {limits.max_pixels}: {exc}")
 
 
 def _check_pixels(name: str, width: int, height: int, limits: Limits) -> None:
@@ -319,8 +322,7 @@ def decode_images(images: list[ImageInput], size: int, limits: Limits) -> list[n
         except ApiError:
             raise
         except Image.DecompressionBombError as exc:
-            raise ApiError(413, f"{image.name} is over the pixel limit of {limits.max_pixels}: "
-                                f"{exc}") from None
+            raise _over_pixels(image, limits, exc) from None
         except Exception:  # noqa: BLE001 - unreadable: decode_image gives the reason below
             continue
     if total > limits.max_request_pixels:
