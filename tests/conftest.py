@@ -21,19 +21,17 @@ DINOV2_S = SHARED / "models" / "dinov2-small-imgfocus"
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """A real local Ray cluster (2 CPUs) for the whole session, running Serve's direct ingress."""
+    """A real local Ray cluster (2 CPUs) for the whole session, running Serve's direct ingress
+    (the endpoint tests call both the proxy and the ingress replica), started as `vitad` starts
+    one: settings for a slow start, one retry, nothing left behind by a failed try."""
     import ray
 
-    from vitad_ray.runtime import direct_ingress_env, environment, init_ray
+    from vitad_ray.runtime import init_ray
 
-    temp = tempfile.mkdtemp(prefix="vitad-ray-")
     if not ray.is_initialized():
-        # With Serve's direct ingress on, as `vitad serve --direct-port` runs it: the endpoint
-        # tests call both the proxy and the ingress replica.
-        with environment(direct_ingress_env(free_port())):
-            ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp, log_to_driver=False,
-                     logging_level="WARNING")
-    init_ray()  # applies the project's Ray Data settings to this session
+        init_ray(num_cpus=2, direct_ingress_port=free_port(),
+                 temp_dir=tempfile.mkdtemp(prefix="vitad-ray-"))
+    init_ray()  # applies the project's Ray Data settings to a session started elsewhere
     yield ray
     ray.shutdown()
 

@@ -86,3 +86,57 @@ def test_every_flag_of_every_command_has_help():
                 continue
             assert action.help, f"vitad {name} {action.option_strings or action.dest}: no help"
     assert "(default: 8000)" in sub.choices["serve"].format_help()
+
+
+def _parsed(argv):
+    from vitad_ray.cli import apply_config, build_parser
+
+    parser = build_parser()
+    apply_config(parser, argv)
+    return parser.parse_args(argv)
+
+
+def test_a_config_file_sets_options_and_flags_win(tmp_path):
+    cfg = tmp_path / "fit.yaml"
+    cfg.write_text("recipe: paper\ntarget-fpr: 0.05\nshards: 3\nno_hdbscan: true\n"
+                   "out: from-config\n")
+    args = _parsed(["fit", "emb", "-c", str(cfg), "--shards", "2"])
+    assert (args.recipe, args.target_fpr, args.shards, args.no_hdbscan, args.out) == \
+        ("paper", 0.05, 2, True, "from-config")  # --out was required: the file gave it
+    cfg.write_text("backbone: dinov2-s14\nsplit: train\nfps: '2'\n")
+    args = _parsed(["embed", "--config", str(cfg), "--frames", ".", "--out", "e"])
+    assert (args.backbones, args.split, args.fps) == (["dinov2-s14"], "train", 2.0)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("shardz: 2\n", "unknown option 'shardz' for `vitad fit`"),
+    ("recipe: [default\n", "is not valid YAML"),
+    ("- a list\n", "must hold a mapping"),
+    ("embeddings: emb\n", "'embeddings' is an argument"),
+    ("target-fpr: lots\n", "target-fpr"),
+])
+def test_a_bad_config_file_fails_fast_with_one_line(text, message, tmp_path):
+    (tmp_path / "c.yaml").write_text(text)
+    done = _vitad("fit", "emb", "--out", "m", "-c", "c.yaml", cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("vitad fit: error: --config: "), lines
+    assert message in lines[0], lines
+
+
+def test_the_shipped_example_configs_are_valid(tmp_path):
+    from pathlib import Path
+
+    from vitad_ray.cli import serve_config
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    needs = {"embed": ["--frames", ".", "--out", "e"], "fit": ["emb", "--out", "m"],
+             "serve": ["model"], "evaluate": ["--manifest", "m.csv", "--out", "r"]}
+    shipped = sorted(p.stem for p in configs.glob("*.yaml"))
+    assert shipped == sorted(needs)
+    for name, rest in needs.items():
+        args = _parsed([name, "-c", str(configs / f"{name}.yaml"), *rest])
+        assert args.config
+    served = serve_config(_parsed(["serve", "model", "-c", str(configs / "serve.yaml"),
+                                   "--port", "9001"]))
+    assert (served.port, served.shard_replicas, served.body_timeout_s) == (9001, 2, 10)

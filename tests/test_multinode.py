@@ -70,6 +70,23 @@ def _submit(cluster: dict, step: str, args: list[str]) -> str:
     return out.stdout
 
 
+def test_a_client_without_the_token_is_told_how_to_give_it(two_nodes, scene, tmp_path):
+    """Joining the token cluster as a user would without RAY_AUTH_MODE=token: one line that
+    names the address and the settings to give, exit code 2."""
+    env = {k: v for k, v in two_nodes["env"].items() if k != "RAY_AUTH_MODE"}
+    env["HOME"] = str(tmp_path)  # no token file either
+    done = subprocess.run([str(BIN / "vitad"), "embed", "--manifest", str(scene["manifest"]),
+                           "--backbone", "tiny-dinov2", "--out", str(tmp_path / "emb"),
+                           "--address", two_nodes["address"]],
+                          env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 2, done.stdout + done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("vitad embed: error:")]
+    assert len(errors) == 1, done.stderr[-3000:]
+    assert f"could not join the Ray cluster at {two_nodes['address']}" in errors[0]
+    assert "set RAY_AUTH_MODE=token" in errors[0]
+    assert not (tmp_path / "emb").exists()
+
+
 def test_fit_and_serve_jobs_run_on_both_nodes_and_match_a_one_node_run(two_nodes, scene, embedded,
                                                                        model, tmp_path):
     """The session's tiny embeddings fitted again as a job on two nodes, against the session

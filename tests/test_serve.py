@@ -38,7 +38,7 @@ def served(model, ray_local, offline_scores):
     cfg = ServeConfig(model_dir=str(model["dir"]), shards=2, port=free_port(), token=TOKEN,
                       embed_batch=8, shard_batch=16, batch_wait_ms=40, embed_threads=1,
                       max_images=MAX_IMAGES, max_image_bytes=MAX_IMAGE_BYTES,
-                      request_timeout_s=30)
+                      request_timeout_s=30, body_timeout_s=2)
     url = start(cfg)
     with httpx.Client(base_url=url, timeout=60) as client:
         yield {"url": url, "client": client, "cfg": cfg}
@@ -248,6 +248,85 @@ def test_bad_input_gets_a_4xx_with_a_reason(served):
     assert ok.status_code == 200 and len(ok.json()["results"]) == 2
 
 
+def _raw(url: str, head: bytes, body: bytes = b"", wait_s: float = 10.0
+         ) -> tuple[bytes, float]:
+    """Sends a hand-made request to ``url``'s host and port; returns what came back (empty when
+    the server closed or reset the connection) and the seconds it took."""
+    host, port = url.split("//")[1].split("/")[0].split(":")
+    started = time.monotonic()
+    with socket.create_connection((host, int(port)), timeout=wait_s) as s:
+        try:
+            s.sendall(head + body)
+        except OSError:  # the server refused the rest of what it was sent, and closed
+            pass
+        answer = b""
+        try:
+            answer = s.recv(65536)
+            took = time.monotonic() - started
+            s.settimeout(1.0)  # the rest of an answer already on its way
+            while chunk := s.recv(65536):
+                answer += chunk
+        except OSError:
+            pass
+    return answer, (took if answer else time.monotonic() - started)
+
+
+def test_oversized_headers_and_stalled_bodies_are_cut_off(served, test_frames):
+    """Through the proxy and straight to the ingress replica: headers far over the bound are
+    refused before they are read whole and without a token; a body that stops short of its
+    Content-Length is answered 408 after body_timeout_s (2 s here), not held open."""
+    from vitad_ray.serve import direct_urls
+
+    for url in [served["url"], *direct_urls(served["cfg"])]:
+        pad = b"a" * (8 << 20)
+        answer, took = _raw(url, b"POST /v1/detect HTTP/1.1\r\nHost: x\r\nX-Pad: " + pad +
+                            b"\r\n\r\n")
+        status = answer.split(b"\r\n", 1)[0]
+        print(f"\n{url}: 8 MiB header -> {status!r} in {took:.2f} s")
+        assert status in (b"", b"HTTP/1.1 400 Bad Request"), answer[:300]
+        assert took < 2.0
+
+        head = (b"POST /v1/detect HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " +
+                TOKEN.encode() + b"\r\nContent-Type: image/png\r\nContent-Length: 5000\r\n\r\n")
+        answer, took = _raw(url, head, test_frames[0][1][:100], wait_s=30)
+        status = answer.split(b"\r\n", 1)[0]
+        print(f"{url}: 100 of 5000 body bytes -> {status!r} in {took:.2f} s")
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:300]
+        assert b"request body incomplete" in answer
+        assert 2.0 <= took < 6.0
+    ok = _detect(served["client"], test_frames[:1])
+    assert ok.status_code == 200, ok.text
+
+
+def test_a_heavy_upload_does_not_hold_up_health_or_other_requests(served, test_frames):
+    """Four 6000x6000 images (144 Mpx, inside the request's pixel budget) are decoded off the
+    ingress's event loop: health and a lone frame answer meanwhile."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (6000, 6000), (90, 90, 90)).save(buf, "PNG")
+    huge = ("huge.png", buf.getvalue())
+    assert len(huge[1]) < MAX_IMAGE_BYTES
+    client = served["client"]
+    with ThreadPoolExecutor(1) as pool:
+        started = time.monotonic()
+        heavy = pool.submit(_detect, client, [huge] * MAX_IMAGES)
+        health_s, lone_s = [], []
+        while not heavy.done():
+            t = time.monotonic()
+            assert client.get("/v1/health").status_code == 200
+            health_s.append(time.monotonic() - t)
+            t = time.monotonic()
+            assert _detect(client, test_frames[:1]).status_code == 200
+            lone_s.append(time.monotonic() - t)
+        answer, heavy_s = heavy.result(), time.monotonic() - started
+    assert answer.status_code == 200, answer.text
+    print(f"\n4 x 6000x6000 answered in {heavy_s:.2f} s; meanwhile {len(health_s)} health "
+          f"calls (slowest {max(health_s):.3f} s), lone frames slowest {max(lone_s):.3f} s")
+    assert len(health_s) >= 2 and max(health_s) < 0.5
+    assert max(lone_s) < max(2.0, heavy_s / 2)
+
+
 def test_killed_shard_replica_fails_requests_visibly_then_recovers(served, test_frames):
     import ray
     from ray import serve
@@ -282,8 +361,10 @@ def test_killed_shard_replica_fails_requests_visibly_then_recovers(served, test_
     killed_at = time.monotonic()
     ray.kill(ray.get_actor(named[0]["name"], namespace="serve"), no_restart=True)
     # Serve notices the dead replica and starts another; then requests succeed again.
-    recovered_at = None
+    recovered_at, health = None, []
     while time.monotonic() < killed_at + 90:
+        h = httpx.get(f"{served['url']}/v1/health", timeout=10)
+        health.append((h.status_code, h.json()["status"], h.json().get("waiting_for", [])))
         with lock:
             after = [s for t, s, _ in log if t > killed_at + 0.5]
         alive = [a for a in ray.util.list_named_actors(all_namespaces=True)
@@ -310,6 +391,10 @@ def test_killed_shard_replica_fails_requests_visibly_then_recovers(served, test_
     print(f"slowest failed request: {slowest_failure:.1f} s")
     assert slowest_failure < 10.0  # the request timeout is 30 s here
     assert serve.status().applications["vitad"].status == "RUNNING"
+    # Health told the outage while it lasted, and names the backend it waits for.
+    assert (503, "starting", ["ScopeShard1"]) in health, health
+    final = client.get("/v1/health")
+    assert final.status_code == 200 and final.json()["status"] == "ready"
 
 
 def test_replicas_run_at_the_configured_niceness(served):

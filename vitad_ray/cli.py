@@ -16,6 +16,27 @@ def _say(msg: str) -> None:
 def _add_ray(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS or a local one)")
     p.add_argument("--num-cpus", type=int, help="CPUs of a local cluster (default: all)")
+    p.add_argument("--verbose", action="store_true",
+                   help="Ray's own messages and its workers' output on the console (otherwise "
+                        "in the log file named at start)")
+
+
+def _start_ray(args, **kwargs):
+    """Ray for a command: a line (a spinner on a terminal) while it starts, then where its
+    messages go."""
+    import os
+
+    import ray
+
+    from .progress import Waiting
+    from .runtime import init_ray, ray_log_file
+
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    what = f"joining Ray at {address}" if address else "starting a local Ray cluster"
+    with Waiting(what, enabled=not ray.is_initialized()):
+        init_ray(args.address, args.num_cpus, quiet=not args.verbose, **kwargs)
+    if not args.verbose and ray_log_file():
+        _say(f"Ray's messages: {ray_log_file()} (--verbose shows them here)")
 
 
 def _add_backbone(p: argparse.ArgumentParser) -> None:
@@ -66,6 +87,92 @@ def _add_fit(p: argparse.ArgumentParser, several: bool = False) -> None:
     p.add_argument("--no-hdbscan", action="store_true", help="paper recipe: fit k-Means only")
 
 
+CONFIG_HELP = {
+    None: "YAML file of this command's options, keyed by flag name (flags given win); "
+          "examples in configs/",
+    "serve": "YAML file of this command's options and of any serve setting (ServeConfig: "
+             "max_images, request_timeout_s, ...), keyed by name (flags given win); "
+             "example in configs/serve.yaml",
+}
+
+
+def apply_config(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """``-c/--config FILE``: the file's keys become the command's defaults, so a flag given on
+    the command line wins. Keys are flag names (``batch-size`` or ``batch_size``); each is
+    checked as the flag would be (choices, type). `vitad serve` leaves keys that are not flags
+    to its serve settings."""
+    from .checks import UsageError, existing_file
+
+    command = next((a for a in argv if not a.startswith("-")), None)
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    sub = commands.choices.get(command)
+    path = _config_path(argv)
+    if sub is None or path is None:
+        return
+    existing_file("--config", path, "a YAML file of the command's options")
+    import yaml
+
+    try:
+        doc = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise UsageError("--config", f"{path} is not valid YAML: "
+                                     f"{getattr(exc, 'problem', None) or exc}{where}") from None
+    if doc is None:
+        return
+    if not isinstance(doc, dict):
+        raise UsageError("--config", f"{path} must hold a mapping of option names to values")
+    actions = {a.dest: a for a in sub._actions if a.dest not in ("help", "config")}
+    defaults = {}
+    for key, value in doc.items():
+        dest = str(key).replace("-", "_")
+        action = actions.get(dest) or next(
+            (a for a in actions.values() if f"--{str(key).replace('_', '-')}" in a.option_strings),
+            None)
+        if action is None:
+            if command == "serve":
+                continue  # a serve setting without a flag: ServeConfig checks it
+            known = sorted(o.lstrip("-") for a in actions.values() for o in a.option_strings
+                           if o.startswith("--"))
+            raise UsageError("--config", f"{path}: unknown option {key!r} for `vitad {command}`; "
+                                         f"known: {', '.join(known)}")
+        if not action.option_strings:
+            raise UsageError("--config", f"{path}: {key!r} is an argument: give it on the "
+                                         "command line")
+        defaults[action.dest] = _config_value(action, key, value, path)
+        action.required = False
+    sub.set_defaults(**defaults)
+
+
+def _config_path(argv: list[str]) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg in ("-c", "--config") and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def _config_value(action: argparse.Action, key, value, path: str):
+    from .checks import UsageError
+
+    several = isinstance(action, argparse._AppendAction)
+    values = value if several and isinstance(value, list) else [value]
+    out = []
+    for v in values:
+        if action.type is not None and isinstance(v, str):
+            try:
+                v = action.type(v)
+            except (TypeError, ValueError) as exc:
+                raise UsageError("--config", f"{path}: {key}: {exc}") from None
+        if action.choices is not None and v not in action.choices:
+            raise UsageError("--config", f"{path}: {key} must be one of "
+                                         f"{', '.join(map(str, action.choices))}, got {v!r}")
+        out.append(v)
+    return out if several else out[0]
+
+
 class _ShowDefaults(argparse.HelpFormatter):
     """Every flag's help ends with its default, unless the help says it already or there is
     none to show."""
@@ -85,9 +192,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"vitad {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_parser = sub.add_parser
-    sub.add_parser = lambda *a, **k: _add_parser(*a, formatter_class=_ShowDefaults, **k)
 
-    sub.add_parser("backbones", help="list registered backbones")
+    def add_command(name, **kwargs):
+        p = _add_parser(name, formatter_class=_ShowDefaults, **kwargs)
+        p.add_argument("-c", "--config", help=CONFIG_HELP.get(name, CONFIG_HELP[None]))
+        return p
+
+    sub.add_parser = add_command
+    _add_parser("backbones", help="list registered backbones")
 
     p = sub.add_parser("embed", help="embed frames with one or more backbones (Ray Data)")
     _add_sources(p)
@@ -137,7 +249,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-replicas", type=int, default=1, help="replicas of each shard")
     p.add_argument("--thresholds", type=json.loads, default={},
                    help='overrides, e.g. \'{"kmeans": {"global": 0.9, "patch": 0.95}}\'')
-    p.add_argument("--config", help="JSON or YAML file of serve settings (flags win)")
     p.add_argument("--direct-port", type=int,
                    help="a local cluster started here runs Serve's direct ingress: the ingress "
                         "replicas also answer on this port (and up), skipping the proxy's hop. "
@@ -256,9 +367,8 @@ def cmd_embed(args) -> dict:
 
     items = check_embed(args)
     from .embed import run_embedding
-    from .runtime import init_ray
 
-    init_ray(args.address, args.num_cpus)
+    _start_ray(args)
     choices = _choices(args, DEFAULT_BACKBONE)
     _say(f"embedding {len(items)} source items with {', '.join(c.name for c in choices)}")
     res = run_embedding(items, choices, args.out, batch_size=args.batch_size,
@@ -277,9 +387,8 @@ def cmd_fit(args) -> dict:
 
     (recipe,) = check_fit(args)
     from .fit import fit_recipe
-    from .runtime import init_ray
 
-    init_ray(args.address, args.num_cpus)
+    _start_ray(args)
     res = fit_recipe(args.embeddings, args.out, recipe, _fit_config(args, recipe))
     _say(_fit_line(recipe, res))
     return {"fitted": res.fitted, "skipped": res.skipped, "seconds": res.seconds}
@@ -300,10 +409,9 @@ def cmd_score(args) -> dict:
     from .checks import check_score
 
     check_score(args)
-    from .runtime import init_ray
     from .score import score_embeddings
 
-    init_ray(args.address, args.num_cpus)
+    _start_ray(args)
     res = score_embeddings(args.model, args.embeddings, args.out, index=args.index,
                            batch_size=args.batch_size, splits=args.split,
                            methods=tuple(args.methods.split(",")))
@@ -351,7 +459,8 @@ def serve_config(args):
     if args.config:
         import yaml
 
-        settings = yaml.safe_load(Path(args.config).read_text()) or {}
+        settings = {str(k).replace("-", "_"): v
+                    for k, v in (yaml.safe_load(Path(args.config).read_text()) or {}).items()}
     flags = {"host": "127.0.0.1", "port": 8000, "weights": None, "shards": None, "index": "exact",
              "token": None, "embed_batch": 16, "shard_batch": 32, "batch_wait_ms": 10.0,
              "embed_replicas": 1, "shard_replicas": 1, "thresholds": {}}
@@ -367,13 +476,39 @@ def cmd_serve(args) -> dict:
     from .checks import check_serve
 
     cfg = check_serve(args)
+    import signal
+
     from ray import serve
 
-    from .runtime import init_ray
-    from .serve import direct_urls, start
+    _start_ray(args, direct_ingress_port=args.direct_port)
+    if args.detach:
+        return _deploy(args, cfg)
 
-    init_ray(args.address, args.num_cpus, direct_ingress_port=args.direct_port)
+    def stop(signum, frame):  # SIGTERM (a service manager, `kill`) stops like Ctrl-C
+        raise KeyboardInterrupt
+
+    # After Ray's start, which installs a SIGTERM handler of its own that exits at once.
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        deployed = _deploy(args, cfg)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        _say("stopping")
+    finally:
+        serve.shutdown()
+    return deployed
+
+
+def _deploy(args, cfg) -> dict:
+    from .progress import Waiting
+    from .serve import direct_urls, start, wait_until_running
+
     url = start(cfg)
+    with Waiting("loading the backbone and the model on the replicas"):
+        waiting = wait_until_running(timeout_s=600)
+    if waiting:
+        _say(f"still starting after 600 s: {', '.join(waiting)}; /v1/health says when ready")
     direct = direct_urls(cfg)
     _say(f"serving {cfg.model_dir} at {url}/v1/detect (health: {url}/v1/health, schema: "
          f"{url}/openapi.json)" + ("" if args.detach else "; Ctrl-C stops"))
@@ -383,22 +518,6 @@ def cmd_serve(args) -> dict:
         _say("--direct-port: this cluster does not run Serve's direct ingress (a joined cluster "
              "needs it in the environment it was started with: vitad_ray.runtime."
              "direct_ingress_env); serving through the proxy only")
-    if args.detach:
-        return {"url": url, "direct_urls": direct}
-
-    def stop(signum, frame):  # SIGTERM (a service manager, `kill`) stops like Ctrl-C
-        raise KeyboardInterrupt
-
-    import signal
-
-    signal.signal(signal.SIGTERM, stop)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        _say("stopping")
-    finally:
-        serve.shutdown()
     return {"url": url, "direct_urls": direct}
 
 
@@ -467,12 +586,11 @@ def run_pipeline(args, items: list[dict], default_backbone: str,
     from .metrics import to_markdown
     from .modeldir import read_model_json, write_thresholds
     from .report import build_report
-    from .runtime import init_ray
     from .score import score_embeddings
 
     groups = [(folder, rs, _choices(args, default_backbone, rs))
               for folder, rs in _feature_groups(args, recipes)]
-    init_ray(args.address, args.num_cpus)
+    _start_ray(args)
     out = Path(args.out)
     timings = {}
     for folder, _, choices in groups:
@@ -562,6 +680,12 @@ def main(argv: list[str] | None = None) -> int:
         cut = argv.index("--")
         argv, passthrough = argv[:cut], argv[cut + 1:]
     parser = build_parser()
+    try:
+        apply_config(parser, argv)
+    except ValueError as exc:  # checks.UsageError
+        command = next((a for a in argv if not a.startswith("-")), "")
+        print(f"vitad {command}: error: {exc}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     if passthrough:
         if args.command != "submit":

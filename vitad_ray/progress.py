@@ -34,3 +34,50 @@ class Progress:
     def close(self, note: str = "") -> None:
         if self.enabled:
             self._print(note)
+
+
+class Waiting:
+    """One line while a slow start runs (a Ray cluster, a model loading): on a terminal a
+    spinner with the seconds so far, elsewhere the line once; then how long it took, or that it
+    failed."""
+
+    FRAMES = "|/-\\"
+
+    def __init__(self, what: str, enabled: bool = True, stream=None):
+        self.what, self.enabled = what, enabled
+        self.stream = stream or sys.stderr
+        self._stop = None
+
+    def __enter__(self) -> "Waiting":
+        import threading
+
+        self.start = time.perf_counter()
+        if not self.enabled:
+            return self
+        self._tty = self.stream.isatty()
+        if self._tty:
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._spin, daemon=True)
+            self._thread.start()
+        else:
+            print(f"{self.what} ...", file=self.stream, flush=True)
+        return self
+
+    def _spin(self) -> None:
+        i = 0
+        while not self._stop.wait(0.2):
+            elapsed = time.perf_counter() - self.start
+            self.stream.write(f"\r{self.what} {self.FRAMES[i % 4]} {elapsed:.0f}s")
+            self.stream.flush()
+            i += 1
+
+    def __exit__(self, kind, exc, tb) -> None:
+        if not self.enabled:
+            return
+        if self._stop is not None:
+            self._stop.set()
+            self._thread.join()
+        outcome = "failed" if kind else "done"
+        prefix = "\r" if self._tty else ""
+        print(f"{prefix}{self.what}: {outcome} in {time.perf_counter() - self.start:.1f} s",
+              file=self.stream, flush=True)

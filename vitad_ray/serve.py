@@ -43,7 +43,9 @@ from .store import GLOBAL, scope_names, shard_of
 
 TOKEN_ENV = "VITAD_SERVE_TOKEN"
 APP_NAME = "vitad"
-BACKEND_WATCH_S = 0.5  # how often a waiting request looks whether a backend replica died
+# How often a waiting request looks whether a backend replica died (one controller call per
+# period per ingress replica, however many requests wait).
+BACKEND_WATCH_S = 0.25
 
 
 @dataclass
@@ -97,9 +99,13 @@ class ServeConfig:
     max_streams: int = 1024
     stream_idle_s: float = 300.0
     request_timeout_s: float = 60.0
+    # A request body that stops arriving (shorter than its Content-Length, a stalled chunked
+    # upload) is answered 408 after this long without a byte, rather than holding its
+    # connection and ingress slot until the client gives up.
+    body_timeout_s: float = 10.0
     # How often Serve checks a backend replica: a dead one is noticed (its requests answered
     # 503, a successor started) within this, where Serve's default is 10 s.
-    health_check_s: float = 1.0
+    health_check_s: float = 0.5
     host: str = "127.0.0.1"
     port: int = 8000
     route_prefix: str = "/"
@@ -373,6 +379,8 @@ DETECT_BODY = {
     "responses": {
         "400": {"description": "malformed request (empty body, bad JSON, bad multipart)"},
         "401": {"description": "missing or wrong bearer token"},
+        "408": {"description": "the request body stopped arriving before its end"},
+        "409": {"description": "a stream's frame older than the stream's last"},
         "413": {"description": "too many images, or an image or body over the size limit"},
         "415": {"description": "unsupported content type"},
         "422": {"description": "an image that cannot be decoded, or a bad option"},
@@ -405,6 +413,17 @@ def _deployments_not_running(app: str = APP_NAME) -> list[str]:
     return sorted(down)
 
 
+def wait_until_running(app: str = APP_NAME, timeout_s: float = 600.0) -> list[str]:
+    """Blocks until every deployment of ``app`` has a running replica; returns the ones that
+    still have none when ``timeout_s`` runs out (empty: all can answer)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        down = _deployments_not_running(app)
+        if not down or time.monotonic() > deadline:
+            return down
+        time.sleep(0.5)
+
+
 @api.exception_handler(Exception)
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     """A fault of the server still answers in the contract's JSON, never a traceback."""
@@ -423,6 +442,7 @@ class Ingress:
         self.token = settings["token"]
         self.limits = Limits(**settings["limits"])
         self.timeout_s = settings["request_timeout_s"]
+        self.body_timeout_s = settings["body_timeout_s"]
         self.has_global = [s["first"] == GLOBAL for s in info["shards"]]
         self.has_patches = [s["n_patches"] > 0 for s in info["shards"]]
         self._infer.set_max_batch_size(settings["batch"])
@@ -691,9 +711,18 @@ class Ingress:
 
     async def _read_body(self, request: Request) -> bytes:
         """The body, counted as it streams in: a chunked body (no Content-Length) over the limit
-        gets its 413 as soon as it passes it, not after it was read whole."""
+        gets its 413 as soon as it passes it, not after it was read whole; a body that stops
+        arriving gets its 408 after ``body_timeout_s`` without a byte."""
         limit, size, chunks = self.limits.max_body_bytes, 0, []
-        async for chunk in request.stream():
+        stream = request.stream().__aiter__()
+        while True:
+            try:
+                chunk = await asyncio.wait_for(stream.__anext__(), self.body_timeout_s)
+            except StopAsyncIteration:
+                break
+            except asyncio.TimeoutError:
+                raise ApiError(408, f"request body incomplete: nothing arrived for "
+                                    f"{self.body_timeout_s:g} s after {size} bytes") from None
             size += len(chunk)
             if size > limit:
                 raise ApiError(413, f"request body over the limit of {limit} bytes")
@@ -836,7 +865,8 @@ def build_app(cfg: ServeConfig):
             cfg.model_dir, int(bounds[i]), int(bounds[i + 1]), cfg.shard_threads, shard_batch,
             backend_wait_s) for i in range(len(groups))]
     settings = {"token": token, "limits": dataclasses.asdict(cfg.limits),
-                "request_timeout_s": cfg.request_timeout_s, "batch": cfg.embed_batch,
+                "request_timeout_s": cfg.request_timeout_s, "body_timeout_s": cfg.body_timeout_s,
+                "batch": cfg.embed_batch,
                 "batch_wait_s": wait_s, "by_value": cfg.by_value,
                 "max_streams": cfg.max_streams, "stream_idle_s": cfg.stream_idle_s}
     return Ingress.options(
