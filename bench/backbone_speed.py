@@ -30,7 +30,7 @@ def main() -> None:
 
     import torch
 
-    from vitad_ray.backbones import create_backbone
+    from vitad_ray.features.backbones import create_backbone
 
     torch.set_num_threads(args.threads)
     runs = {name: create_backbone(args.backbone, args.weights, args.image_size, trace=trace)

@@ -125,9 +125,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from ray import serve
 
-    from vitad_ray.modeldir import read_model_json
-    from vitad_ray.runtime import init_ray
-    from vitad_ray.serve import ServeConfig, start
+    from vitad_ray.pipeline.runtime import init_ray
+    from vitad_ray.serve.app import ServeConfig, start
+    from vitad_ray.storage.modeldir import read_model_json
 
     kind = read_model_json(args.model_dir).get("recipe", {}).get("kind", "paper")
     scope = "stream" if kind != "paper" else "both"

@@ -16,10 +16,10 @@ import time
 
 import numpy as np
 
-from vitad_ray.coreset import kcenter_coreset
-from vitad_ray.embeddings import load_embeddings
-from vitad_ray.fit import stack_scopes
-from vitad_ray.knn import knn_stacked
+from vitad_ray.data.embeddings import load_embeddings
+from vitad_ray.pipeline.fit import stack_scopes
+from vitad_ray.search.coreset import kcenter_coreset
+from vitad_ray.search.knn import knn_stacked
 
 
 def main(argv=None) -> int:

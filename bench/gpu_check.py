@@ -119,7 +119,7 @@ def check_backbones(sizes: Sizes, rows: list) -> dict[str, float]:
     """Section 1; returns bf16 frames/s per backbone (the pipeline's reference)."""
     import torch
 
-    from vitad_ray.backbones import create_backbone
+    from vitad_ray.features.backbones import create_backbone
 
     peak = bf16_peak(sizes.device)
     frames = np.random.default_rng(0).integers(0, 255, (sizes.batch, 224, 224, 3), np.uint8)
@@ -177,12 +177,12 @@ class GpuSampler:
 
 def check_pipeline(sizes: Sizes, work: Path, rows: list) -> tuple[Path, dict]:
     """Section 2; returns the embeddings folder and the scene (for section 4)."""
-    from vitad_ray.backbones import create_backbone, get_spec
+    from vitad_ray.data.frames import items_from_manifest, items_from_videos
+    from vitad_ray.data.synthetic import SceneConfig, generate_scene
     from vitad_ray.detect import DEFAULT
-    from vitad_ray.embed import BackboneChoice, run_embedding
-    from vitad_ray.frames import items_from_manifest, items_from_videos
-    from vitad_ray.runtime import init_ray
-    from vitad_ray.synthetic import SceneConfig, generate_scene
+    from vitad_ray.features.backbones import create_backbone, get_spec
+    from vitad_ray.pipeline.embed import BackboneChoice, run_embedding
+    from vitad_ray.pipeline.runtime import init_ray
 
     scene = generate_scene(work / "scene", SceneConfig(
         train_clips=sizes.scene_clips[0], test_clips=sizes.scene_clips[1],
@@ -230,10 +230,10 @@ def check_knn(sizes: Sizes, rows: list) -> None:
     import pandas as pd
     import torch
 
+    from vitad_ray.data.embeddings import Embeddings
     from vitad_ray.detect import DEFAULT, Detector
     from vitad_ray.detect.detector import StreamState
-    from vitad_ray.embeddings import Embeddings
-    from vitad_ray.knn import knn_stacked
+    from vitad_ray.search.knn import knn_stacked
 
     rng = np.random.default_rng(2)
     patches = sizes.scopes - 1
@@ -290,7 +290,7 @@ def check_serve(sizes: Sizes, emb_dir: Path, scene: dict, work: Path, rows: list
 
     from vitad_ray.detect import DEFAULT
     from vitad_ray.detect.fit import fit_detector_model
-    from vitad_ray.serve import ServeConfig, start
+    from vitad_ray.serve.app import ServeConfig, start
 
     model_dir = work / "model"
     fit_detector_model(emb_dir, model_dir, DEFAULT, show_progress=False)

@@ -29,10 +29,10 @@ def main() -> None:
 
     import torch
 
-    from vitad_ray.embeddings import load_embeddings
-    from vitad_ray.fit import stack_scopes
-    from vitad_ray.knn import ProjectedSearch, knn_stacked
-    from vitad_ray.score import ModelScorer
+    from vitad_ray.data.embeddings import load_embeddings
+    from vitad_ray.pipeline.fit import stack_scopes
+    from vitad_ray.pipeline.score import ModelScorer
+    from vitad_ray.search.knn import ProjectedSearch, knn_stacked
 
     torch.set_num_threads(args.threads)
     test = load_embeddings(args.embeddings, splits=["test"])

@@ -22,16 +22,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from vitad_ray.data.embeddings import load_embeddings, select_layers
+from vitad_ray.data.frames import clip_key
 from vitad_ray.detect import Detector, get_recipe
 from vitad_ray.detect.model import load_model
 from vitad_ray.detect.offline import score_frames
 from vitad_ray.detect.sweep import Sweep, choose_on_calibration, recipe_grid
-from vitad_ray.embeddings import load_embeddings, select_layers
-from vitad_ray.evaluate import split_test_clips
-from vitad_ray.frames import clip_key
-from vitad_ray.localize import MASK_SIZE, load_masks, pixel_auroc
-from vitad_ray.metrics import auroc, evaluate_scores
-from vitad_ray.runfolder import write_run
+from vitad_ray.evaluation.evaluate import split_test_clips
+from vitad_ray.evaluation.localize import MASK_SIZE, load_masks, pixel_auroc
+from vitad_ray.evaluation.metrics import auroc, evaluate_scores
+from vitad_ray.evaluation.runfolder import write_run
 
 COLUMNS = ["option", "calib_auroc", "auroc", "auroc_all", "pr_auc", "balanced_accuracy",
            "precision", "recall", "fpr", "label_free_fpr", "pixel_auroc"]

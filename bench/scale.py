@@ -27,7 +27,7 @@ class Scorer:
     def __init__(self, model_dir: str):
         import torch
 
-        from vitad_ray.score import ModelScorer
+        from vitad_ray.pipeline.score import ModelScorer
 
         torch.set_num_threads(1)
         self.scorer = ModelScorer(model_dir, index="exact", hdbscan=False)
@@ -72,7 +72,7 @@ def run_size(nodes: int, model: str, g, loc, batch_size: int) -> tuple[float, in
 
 
 def main() -> None:
-    from vitad_ray.embeddings import load_embeddings
+    from vitad_ray.data.embeddings import load_embeddings
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("model")

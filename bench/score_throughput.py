@@ -25,11 +25,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vitad_ray.embeddings import load_embeddings  # noqa: E402
-from vitad_ray.modeldir import read_model_json  # noqa: E402
-from vitad_ray.normality import knnn_confidence  # noqa: E402
-from vitad_ray.score import ModelScorer  # noqa: E402
-from vitad_ray.store import GLOBAL, collection_name  # noqa: E402
+from vitad_ray.data.embeddings import load_embeddings  # noqa: E402
+from vitad_ray.normality.estimators import knnn_confidence  # noqa: E402
+from vitad_ray.pipeline.score import ModelScorer  # noqa: E402
+from vitad_ray.storage.modeldir import read_model_json  # noqa: E402
+from vitad_ray.storage.store import GLOBAL, collection_name  # noqa: E402
 
 
 def timed(fn, repeat: int = 1):
@@ -59,9 +59,9 @@ def disk_size(path: Path) -> int:
 
 def recipe_throughput(args, frame_ids: list[str], paper_fps: float) -> dict:
     """The recipe model's Detector on the same frames (clips as streams, in time order)."""
+    from vitad_ray.data.embeddings import select_layers
     from vitad_ray.detect.model import load_model
     from vitad_ray.detect.offline import score_frames
-    from vitad_ray.embeddings import select_layers
 
     doc = read_model_json(args.recipe_model)
     emb = load_embeddings(args.recipe_embeddings or args.embeddings,
@@ -108,7 +108,7 @@ def main() -> None:
     doc = read_model_json(args.model)
     emb = load_embeddings(args.embeddings, splits=[args.split] if args.split else None)
     if doc["embeddings"].get("selected_layers"):
-        from vitad_ray.embeddings import select_layers
+        from vitad_ray.data.embeddings import select_layers
 
         emb = select_layers(emb, tuple(doc["embeddings"]["selected_layers"]))
     n = min(args.frames, len(emb))

@@ -103,14 +103,14 @@ def offline_reference(model_dir: str, weights: str | None, images, batch: int) -
     a cross-clip recipe's Detector on the frames as one stream)."""
     import torch
 
-    from vitad_ray.backbones import create_backbone
     from vitad_ray.detect import StreamState
     from vitad_ray.detect.model import load_model
-    from vitad_ray.modeldir import read_model_json
-    from vitad_ray.score import ModelScorer
-    from vitad_ray.serve import model_layers
-    from vitad_ray.serve_api import ImageInput, Limits, decode_image
-    from vitad_ray.store import GLOBAL
+    from vitad_ray.features.backbones import create_backbone
+    from vitad_ray.pipeline.score import ModelScorer
+    from vitad_ray.serve.api import ImageInput, Limits, decode_image
+    from vitad_ray.serve.app import model_layers
+    from vitad_ray.storage.modeldir import read_model_json
+    from vitad_ray.storage.store import GLOBAL
 
     torch.set_num_threads(os.cpu_count() or 1)
     doc = read_model_json(model_dir)
@@ -192,7 +192,7 @@ def main() -> None:
     ap.add_argument("--json", help="write the figures here too")
     args = ap.parse_args()
 
-    from vitad_ray.modeldir import read_model_json
+    from vitad_ray.storage.modeldir import read_model_json
 
     if args.scopes is None:
         kind = read_model_json(args.model_dir).get("recipe", {}).get("kind", "paper")
@@ -209,8 +209,8 @@ def main() -> None:
 
     from ray import serve
 
-    from vitad_ray.runtime import init_ray
-    from vitad_ray.serve import ServeConfig, direct_urls, start
+    from vitad_ray.pipeline.runtime import init_ray
+    from vitad_ray.serve.app import ServeConfig, direct_urls, start
 
     header = (f"{'shards':>6} {'scope':>6} {'phase':>8} {'conc':>4} {'req/s':>7} {'frames/s':>8} "
               f"{'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} {'errors':>6}")

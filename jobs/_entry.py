@@ -13,6 +13,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def run(step: str) -> None:
-    from vitad_ray.cli import main
+    from vitad_ray.cli.main import main
 
     sys.exit(main([step, *sys.argv[1:]]))

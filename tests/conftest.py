@@ -26,7 +26,7 @@ def ray_local():
     one: settings for a slow start, one retry, nothing left behind by a failed try."""
     import ray
 
-    from vitad_ray.runtime import init_ray
+    from vitad_ray.pipeline.runtime import init_ray
 
     if not ray.is_initialized():
         init_ray(num_cpus=2, direct_ingress_port=free_port(),
@@ -42,8 +42,8 @@ def ray_local():
 
 @pytest.fixture(scope="session")
 def scene(tmp_path_factory):
-    from vitad_ray.frames import items_from_manifest, items_from_videos
-    from vitad_ray.synthetic import SceneConfig, generate_scene
+    from vitad_ray.data.frames import items_from_manifest, items_from_videos
+    from vitad_ray.data.synthetic import SceneConfig, generate_scene
 
     root = tmp_path_factory.mktemp("scene")
     paths = generate_scene(root, SceneConfig(train_clips=TRAIN_CLIPS, test_clips=TEST_CLIPS,
@@ -59,7 +59,7 @@ def scene(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def embedded(ray_local, scene, tmp_path_factory):
-    from vitad_ray.embed import BackboneChoice, run_embedding
+    from vitad_ray.pipeline.embed import BackboneChoice, run_embedding
 
     out = tmp_path_factory.mktemp("emb")
     choices = [BackboneChoice("tiny-dinov2"), BackboneChoice("tiny-ijepa")]
@@ -69,7 +69,7 @@ def embedded(ray_local, scene, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def model(embedded, tmp_path_factory):
-    from vitad_ray.fit import FitConfig, fit_model
+    from vitad_ray.pipeline.fit import FitConfig, fit_model
 
     model_dir = tmp_path_factory.mktemp("model")
     cfg = FitConfig(n_shards=2)
@@ -81,8 +81,8 @@ def model(embedded, tmp_path_factory):
 def scored(model, embedded, tmp_path_factory):
     """`vitad score` (exact path) of the test split, as a user runs it: the table the pipeline
     test checks and the serve tests compare the endpoint's answers with."""
-    from vitad_ray.cli import main
-    from vitad_ray.score import read_scores
+    from vitad_ray.cli.main import main
+    from vitad_ray.pipeline.score import read_scores
 
     out = tmp_path_factory.mktemp("scores") / "scores.parquet"
     assert main(["score", str(model["dir"]), str(embedded["out"] / "tiny-dinov2"),

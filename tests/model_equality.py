@@ -2,8 +2,8 @@
 
 import numpy as np
 
-from vitad_ray.modeldir import read_model_json, shard_locations
-from vitad_ray.store import ScopeStore
+from vitad_ray.storage.modeldir import read_model_json, shard_locations
+from vitad_ray.storage.store import ScopeStore
 
 
 def _stores_by_scope(model_dir, doc, opened: list) -> dict:

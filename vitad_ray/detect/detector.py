@@ -29,10 +29,10 @@ from dataclasses import dataclass, field
 import numpy as np
 from sklearn.base import BaseEstimator
 
-from ..aggregate import causal_mean, pool_patches, topk_mean
-from ..crossclip import CrossClipNormality
-from ..frames import PAPER_FPS
-from ..motion import past_rows
+from ..data.frames import PAPER_FPS
+from ..normality.crossclip import CrossClipNormality
+from .aggregate import causal_mean, pool_patches, topk_mean
+from .motion import past_rows
 from .recipe import DEFAULT, Recipe
 
 APPEARANCE = "appearance"
@@ -73,7 +73,7 @@ def training_frames(emb, recipe: Recipe):
     """(embeddings [S, N, D], clips [N], frame_index [N], leave-one-clip-out groups [N]) of the
     training frames, sorted by clip and time (no copy beyond the scope-major one where they
     are sorted already)."""
-    from ..fit import stack_scopes
+    from ..pipeline.fit import stack_scopes
 
     ids = emb.ids
     clips_all, index_all = ids["clip"].to_numpy(), ids["frame_index"].to_numpy()
@@ -301,7 +301,7 @@ class Detector(BaseEstimator):
     def score(self, global_: np.ndarray, local: np.ndarray, frame_index: np.ndarray,
               state: StreamState | None = None) -> Detection:
         """All three steps on this process: frames of one stream in time order."""
-        from ..fit import stack_scopes
+        from ..pipeline.fit import stack_scopes
 
         q = self.queries(global_, local, frame_index, state)
         scores = {name: self.scope_scores(name, stack_scopes(*v)) for name, v in q.items()}

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..crossclip import CrossClipNormality
-from ..progress import Progress
+from ..normality.crossclip import CrossClipNormality
+from ..pipeline.progress import Progress
 from .detector import Detector, stream_names, training_frames
 from .recipe import Recipe
 from .state import DETECTOR_DIR, load_detector, save_stream, save_train_frames, stream_done
@@ -107,9 +107,9 @@ def fit_detector_model(emb_dir: str | Path, model_dir: str | Path, recipe: Recip
                        ) -> dict:
     """Load the training frames of an embeddings folder, fit the recipe's streams, write
     ``model.json``; returns what was done."""
-    from ..fit import load_training_frames
-    from ..modeldir import embeddings_entry, write_model_json
-    from ..versions import package_versions
+    from ..pipeline.fit import load_training_frames
+    from ..storage.modeldir import embeddings_entry, write_model_json
+    from ..storage.versions import package_versions
 
     start = time.perf_counter()
     model_dir = Path(model_dir)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from ..normality import METHODS
 from .detector import Detector
 from .paper import PaperDetector
 from .recipe import recipe_from_model
@@ -18,17 +19,17 @@ def apply_thresholds(detector: Detector, thresholds: dict) -> Detector:
 
 
 def load_model(model_dir: str | os.PathLike, *, index: str = "exact",
-               methods=("kmeans", "hdbscan"), device: str | None = None,
+               methods=METHODS, device: str | None = None,
                scopes: slice = slice(None), projected: bool = False, doc: dict | None = None
                ) -> Detector | PaperDetector:
     """The model directory's detector with the thresholds in force. ``scopes`` (cross-clip
     recipes): only that range of scopes' memories, for a serving shard."""
-    from ..modeldir import read_model_json
+    from ..storage.modeldir import read_model_json
 
     doc = doc or read_model_json(model_dir)
     recipe = recipe_from_model(doc)
     if recipe.kind == "paper":
-        from ..score import ModelScorer
+        from ..pipeline.score import ModelScorer
 
         scorer = ModelScorer(model_dir, index=index, hdbscan="hdbscan" in methods,
                              device=device, projected=projected)

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..normality import METHODS
 from .detector import Detection
 from .recipe import Recipe
 
 
 class PaperDetector:
-    def __init__(self, scorer, recipe: Recipe, thresholds: dict, methods=("kmeans", "hdbscan")):
+    def __init__(self, scorer, recipe: Recipe, thresholds: dict, methods=METHODS):
         self.scorer, self.recipe = scorer, recipe
         self.thresholds = thresholds
         self.methods = tuple(m for m in methods if m == "kmeans" or scorer.hdbscan)
@@ -27,7 +28,7 @@ class PaperDetector:
 
     def score(self, global_: np.ndarray, local: np.ndarray, frame_index=None, state=None
               ) -> Detection:
-        from ..score import frame_results
+        from ..pipeline.score import frame_results
 
         results = frame_results(self.scorer.score(global_, local, self.methods),
                                 self.scorer.scopes, self.thresholds)
@@ -37,7 +38,7 @@ class PaperDetector:
 def detection_from_results(results: dict, thresholds: dict) -> Detection:
     """A Detection from the paper's per-frame results (``score.frame_results``): the k-Means
     majority vote decides; the global and local confidences are its evidence."""
-    from ..score import vote_score
+    from ..pipeline.score import vote_score
 
     local = np.asarray(results["local_kmeans"], np.float32)
     vote = vote_score(local).astype(np.float64)

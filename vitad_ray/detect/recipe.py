@@ -19,7 +19,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..crossclip import CALIBRATIONS
+from ..normality.crossclip import CALIBRATIONS
 
 KINDS = ("crossclip", "paper")
 FUSIONS = ("max", "mean")
@@ -164,7 +164,7 @@ def embedding_layers(recipe: Recipe, metadata: dict) -> tuple[int, ...]:
     for, naming the ``vitad embed`` flags that give them."""
     depth = int(metadata.get("depth") or 0)
     if not depth and metadata.get("backbone"):  # embedded before depth was recorded
-        from ..backbones import get_spec
+        from ..features.backbones import get_spec
 
         depth = get_spec(metadata["backbone"]).depth
     have = [int(x) for x in metadata.get("layers") or []]

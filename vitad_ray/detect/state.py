@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..crossclip import CrossClipNormality
+from ..normality.crossclip import CrossClipNormality
+from ..storage.atomic import atomic_path, write_json
 from .detector import Detector, stream_names
 from .recipe import Recipe
 
@@ -37,10 +38,8 @@ def stream_dir(model_dir: str | os.PathLike, stream: str) -> Path:
 
 
 def save_array(path: Path, value: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         np.save(fh, np.asarray(value), allow_pickle=False)
-    os.replace(tmp, path)
 
 
 def save_stream(model_dir, stream: str, arrays: dict[str, np.ndarray], signature: str) -> None:
@@ -49,9 +48,7 @@ def save_stream(model_dir, stream: str, arrays: dict[str, np.ndarray], signature
     folder.mkdir(parents=True, exist_ok=True)
     for name in ARRAYS:
         save_array(folder / f"{name}.npy", arrays[name])
-    tmp = folder / f".{DONE}.tmp"
-    tmp.write_text(json.dumps({"signature": signature, "shape": list(arrays["memory"].shape)}))
-    os.replace(tmp, folder / DONE)
+    write_json(folder / DONE, {"signature": signature, "shape": list(arrays["memory"].shape)})
 
 
 def stream_done(model_dir, stream: str, signature: str) -> bool:
@@ -60,10 +57,8 @@ def stream_done(model_dir, stream: str, signature: str) -> bool:
 
 
 def save_train_frames(model_dir, frames: pd.DataFrame) -> None:
-    path = Path(model_dir) / DETECTOR_DIR / TRAIN_FRAMES
-    tmp = path.with_name(f".{path.name}.tmp")
-    frames.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+    with atomic_path(Path(model_dir) / DETECTOR_DIR / TRAIN_FRAMES) as tmp:
+        frames.to_parquet(tmp, index=False)
 
 
 def load_detector(model_dir: str | os.PathLike, recipe: Recipe, device: str | None = None,

@@ -12,8 +12,8 @@ import itertools
 import numpy as np
 import pandas as pd
 
-from ..fit import stack_scopes
-from ..metrics import auroc
+from ..evaluation.metrics import auroc
+from ..pipeline.fit import stack_scopes
 from .detector import Detection, Detector, StreamState, stream_names
 from .offline import clip_rows, concat
 from .recipe import Recipe

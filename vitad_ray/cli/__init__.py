@@ -1,0 +1,1 @@
+"""The ``vitad`` command: parse, check inputs before Ray starts, call the engine."""

@@ -1,0 +1,1 @@
+"""Metrics, thresholds, localisation, run folders and the HTML report."""

@@ -1,0 +1,1 @@
+"""Frozen ViT backbones: the registry and one adapter per family."""

@@ -1,0 +1,4 @@
+"""Per-scope normality estimators (scikit-learn style) and cross-clip calibration."""
+
+# The paper recipe's estimators, by the name a scores column, a threshold and a request use.
+METHODS = ("kmeans", "hdbscan")

@@ -1,0 +1,1 @@
+"""The engine: embed -> fit -> score on Ray (Data, tasks), Ray start-up, progress, jobs."""

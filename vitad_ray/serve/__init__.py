@@ -1,0 +1,1 @@
+"""The Ray Serve endpoint: the app, its HTTP contract and limits, stream state."""

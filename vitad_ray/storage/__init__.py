@@ -1,0 +1,1 @@
+"""The model directory: Chroma stores, paths and documents, package versions."""
