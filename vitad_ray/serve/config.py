@@ -28,17 +28,17 @@ class ServeConfig:
     # The forward pass through a TorchScript trace on CPU (Backbone's trace): same numbers, less
     # Python per call.
     embed_trace: bool = True
-    # A lone frame's search over the Ped2 model's 257 scopes: 33 ms on 2 threads, 46-57 ms on 1
-    # (while a frame is searched the embedder has finished with it; under load the two share the
-    # cores, as in every load figure of the README).
+    # Two: while a frame is searched the embedder has finished with it, so a lone frame's
+    # search has the cores to itself; under load the two share them (docs/benchmarks.md).
     shard_threads: int = 2
     # Shards search a lone frame's neighbours through a projection bound, certified exact
     # (knn.ProjectedSearch): answers equal to the full search, about a sixth of its memory
     # traffic.
     projected_search: bool = True
     # Ingress -> embedder -> shard calls by value over Serve's gRPC between replicas (the
-    # handles' _by_reference=False, Ray 2.60), not through the object store: 7 ms less per lone
-    # frame here. Each shard then receives the whole embedding (S copies per frame).
+    # handles' _by_reference=False, Ray 2.60), not through the object store: fewer round trips
+    # per lone frame on one machine (docs/benchmarks.md). Each shard then receives the whole
+    # embedding (S copies per frame).
     by_value: bool = True
     # Ray starts workers at niceness 15, under its own daemons; the embedder's two threads then
     # lose their cores to any of them and the forward pass waits for the slower thread, and the

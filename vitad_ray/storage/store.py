@@ -72,7 +72,7 @@ class ScopeStore:
         from chromadb.errors import NotFoundError
 
         # Delete by name, not after listing every collection: a listing grows with the store
-        # and made a 257-scope fit quadratic (21 ms a listing at 60 collections).
+        # and made a 257-scope fit quadratic in the number of scopes.
         with contextlib.suppress(NotFoundError):
             self.client.delete_collection(name)
         self._collections.pop(name, None)
