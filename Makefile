@@ -15,7 +15,7 @@ demo: $(STAMP)
 	$(VENV)/bin/vitad demo --out runs/demo
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q --durations=15
 
 setup: $(STAMP)
 

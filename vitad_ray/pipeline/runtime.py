@@ -168,7 +168,8 @@ def start_local(num_cpus: int | None, attempts: int = 2, **kwargs) -> None:
             ray.shutdown()
             _kill_children(exclude=before)
             if attempt == attempts:
-                raise RuntimeError(f"Ray's local cluster did not start ({attempts} tries): "
+                tries = f"{attempts} tries" if attempts > 1 else "1 try"
+                raise RuntimeError(f"Ray's local cluster did not start ({tries}): "
                                    f"{exc}. The machine may be busy: run again, or join a "
                                    "running cluster with --address") from None
             print(f"Ray's local cluster did not start ({exc}); trying again", flush=True)

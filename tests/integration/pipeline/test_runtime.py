@@ -38,7 +38,7 @@ import psutil
 from vitad_ray.pipeline.runtime import start_local
 try:
     # A plasma directory the raylet cannot use: the raylet dies after GCS and agents started.
-    start_local(1, attempts=2, _plasma_directory="/proc/1")
+    start_local(1, attempts=1, _plasma_directory="/proc/1")
 except RuntimeError as exc:
     print("error:", exc)
 print("left:", [p.name() for p in psutil.Process().children(recursive=True)])
@@ -86,23 +86,22 @@ def test_a_local_cluster_is_its_own_and_serves_no_metrics_endpoint(ray_start_hea
 
 
 @pytest.mark.integration
-def test_a_failed_local_start_is_retried_then_says_so_and_leaves_no_process(tmp_path):
+def test_a_failed_local_start_says_so_and_leaves_no_process(tmp_path):
     started = time.monotonic()
     done = subprocess.run([sys.executable, "-c", FAILED_START], capture_output=True, text=True,
                           timeout=300, cwd=tmp_path, env=_env())
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "did not start (2 tries)" in done.stdout, done.stdout
-    assert "trying again" in done.stdout
+    assert "did not start (1 try)" in done.stdout, done.stdout
     assert "left: []" in done.stdout, done.stdout  # GCS, agents and workers were killed
-    print(f"two failed starts: {time.monotonic() - started:.0f} s")
+    print(f"a failed start: {time.monotonic() - started:.0f} s")
 
 
 def test_an_address_where_nothing_listens_fails_at_once():
-    from vitad_ray.pipeline.runtime import init_ray
+    from vitad_ray.pipeline.runtime import join
 
     started = time.monotonic()
     with pytest.raises(RuntimeError, match="nothing answers at 127.0.0.1"):
-        init_ray(address=f"127.0.0.1:{free_port()}")
+        join(f"127.0.0.1:{free_port()}")
     assert time.monotonic() - started < 5
 
 
@@ -116,5 +115,5 @@ def test_the_cli_reports_an_unreachable_cluster_in_one_line(tmp_path):
                            "--address", f"127.0.0.1:{free_port()}"],
                           capture_output=True, text=True, timeout=120, env=_env())
     assert done.returncode == 2, done.stderr
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and "nothing answers at 127.0.0.1" in lines[0], done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("vitad embed: error:")]
+    assert len(errors) == 1 and "nothing answers at 127.0.0.1" in errors[0], done.stderr
