@@ -440,6 +440,7 @@ def cmd_serve(args) -> dict:
 
     # After Ray's start, which installs a SIGTERM handler of its own that exits at once.
     signal.signal(signal.SIGTERM, stop)
+    deployed: dict = {}  # a stop while the replicas still load returns nothing deployed
     try:
         deployed = _deploy(args, cfg)
         while True:
