@@ -19,7 +19,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..normality.crossclip import CALIBRATIONS
+from ..normality import CALIBRATIONS
 
 KINDS = ("crossclip", "paper")
 FUSIONS = ("max", "mean")

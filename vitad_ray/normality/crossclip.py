@@ -23,8 +23,7 @@ from sklearn.base import BaseEstimator
 
 from ..search.coreset import kcenter_coreset
 from ..search.knn import knn_stacked
-
-CALIBRATIONS = ("raw", "ratio", "zscore", "ecdf")
+from . import CALIBRATIONS
 
 
 def loo_clip_neighbors(queries: np.ndarray, query_clips: np.ndarray, memory: np.ndarray,

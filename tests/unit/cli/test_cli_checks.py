@@ -10,9 +10,11 @@ from ...conftest import DINOV2_S
 
 
 def _vitad(*argv: str, cwd) -> subprocess.CompletedProcess:
-    # Ray must not even be imported: the check runs before anything starts.
+    # Ray must not even be imported (nor torch or scikit-learn, seconds to import): the check
+    # runs before anything starts.
     code = ("import sys; from vitad_ray.cli.main import main; rc = main(sys.argv[1:]); "
-            "assert 'ray' not in sys.modules and 'torch' not in sys.modules, 'imported'; "
+            "heavy = [m for m in ('ray', 'torch', 'sklearn') if m in sys.modules]; "
+            "assert not heavy, heavy; "
             "sys.exit(rc)")
     return subprocess.run([sys.executable, "-c", code, *argv], cwd=cwd, capture_output=True,
                           text=True, timeout=120)
