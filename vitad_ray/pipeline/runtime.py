@@ -85,6 +85,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: boo
     if ray.is_initialized():
         return ray
     address = address or os.environ.get("RAY_ADDRESS")
+    if quiet:  # Ray's notes while it starts (token auth on, and so on) stay off the console too
+        _console_errors_only()
     kwargs = {"log_to_driver": not quiet, "logging_level": "WARNING",
               "runtime_env": {"worker_process_setup_hook": WORKER_SETUP_HOOK}}
     if address:
@@ -215,12 +217,21 @@ def _log_to_file() -> None:
     path = os.path.join(logs, f"vitad-{os.getpid()}.log")
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    for name in ("ray", "ray.data", "ray.serve", "ray.train", "ray.tune"):
-        logger = logging.getLogger(name)
-        for h in logger.handlers:
-            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
-                h.setLevel(logging.ERROR)
-        if name == "ray" or not logger.propagate:
+    for logger in _console_errors_only():
+        if logger.name == "ray" or not logger.propagate:
             logger.addHandler(handler)
     logging.getLogger("ray").setLevel(logging.INFO)
     _LOG_FILE[:] = [path]
+
+
+def _console_errors_only() -> list:
+    """Ray's loggers, their console handlers raised to errors; returns the loggers."""
+    import logging
+
+    loggers = [logging.getLogger(n) for n in ("ray", "ray.data", "ray.serve", "ray.train",
+                                               "ray.tune")]
+    for logger in loggers:
+        for h in logger.handlers:
+            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+                h.setLevel(logging.ERROR)
+    return loggers
