@@ -62,8 +62,9 @@ def test_killed_fit_resumes_without_redoing_scopes(embedded, model, tmp_path):
     assert 40 <= done_before < 257
     assert not (out / "model.json").exists()
 
-    resumed = subprocess.run(args, env=_env(ray_tmp, home), capture_output=True, text=True,
-                             timeout=600, check=False)
+    # --verbose: Ray's own notes on the console, the token-auth one among them.
+    resumed = subprocess.run([*args, "--verbose"], env=_env(ray_tmp, home), capture_output=True,
+                             text=True, timeout=600, check=False)
     _kill_all(ray_tmp)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     # Both clusters ran with token auth: Ray made the token at the first start and kept it.
