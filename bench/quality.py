@@ -25,8 +25,10 @@ import pandas as pd
 from vitad_ray.data.embeddings import load_embeddings, select_layers
 from vitad_ray.data.frames import clip_key
 from vitad_ray.detect import Detector, get_recipe
+from vitad_ray.detect.detector import FITTED_SETTINGS
 from vitad_ray.detect.model import load_model
 from vitad_ray.detect.offline import score_frames
+from vitad_ray.detect.recipe import view_splits
 from vitad_ray.detect.sweep import Sweep, choose_on_calibration, recipe_grid
 from vitad_ray.evaluation.evaluate import split_test_clips
 from vitad_ray.evaluation.localize import MASK_SIZE, load_masks, pixel_auroc
@@ -51,7 +53,7 @@ def parse_axis(text: str) -> tuple[str, list]:
     if key == "motion_lags":
         return key, [tuple(int(x) for x in v.split("+")) if v != "none" else ()
                      for v in values.split(";")]
-    cast = {"pool": int, "temporal_window": int, "fusion": str}.get(key, float)
+    cast = {"pool": int, "motion_pool": int, "temporal_window": int, "fusion": str}.get(key, float)
     return key, [cast(v) for v in values.split(",")]
 
 
@@ -65,8 +67,8 @@ def manifest_frames(manifest: str) -> pd.DataFrame:
     return man[["split", "clip", "frame_index", "image_path", "mask_path"]]
 
 
-def load_split(path: str, split: str, blocks: tuple[int, ...]):
-    emb = load_embeddings(path, splits=[split])
+def load_split(path: str, split: str | list[str], blocks: tuple[int, ...]):
+    emb = load_embeddings(path, splits=[split] if isinstance(split, str) else split)
     return select_layers(emb, blocks) if blocks else emb
 
 
@@ -110,8 +112,8 @@ def main(argv=None) -> int:
 
     base = get_recipe(args.recipe).replace(image_size=None, block=None)
     axes = dict(parse_axis(a) for a in args.sweep) or {
-        "motion_lags": [(), (2,), (4,), (2, 4)], "pool": [1, 3],
-        "top_k": [0.01, 0.02, 0.04, 0.08], "temporal_window": [1, 4, 8]}
+        "motion_lags": [(), (4,), (8,)], "pool": [1, 3], "top_k": [0.04, 0.08, 0.16],
+        "motion_pool": [1, 3], "motion_top_k": [0.08, 0.16], "temporal_window": [8, 16]}
     recipes = recipe_grid(base, **axes)
     lags = tuple(sorted({lag for r in recipes for lag in r.motion_lags}))
     man = manifest_frames(args.manifest)
@@ -125,15 +127,15 @@ def main(argv=None) -> int:
             if not set(lags) <= set(detector.recipe.motion_lags):
                 raise SystemExit(f"{args.fitted} has lags {detector.recipe.motion_lags}, the "
                                  f"sweep needs {lags}")
-            base = base.replace(**{k: getattr(detector.recipe, k) for k in (
-                "calibration", "m", "coreset", "loo_min_clips", "loo_segment_s")})
-            recipes = [r.replace(**{k: getattr(base, k) for k in (
-                "calibration", "m", "coreset", "loo_min_clips", "loo_segment_s")})
-                for r in recipes]
+            base = base.replace(**{k: getattr(detector.recipe, k) for k in FITTED_SETTINGS})
+            recipes = [r.replace(**{k: getattr(base, k) for k in FITTED_SETTINGS})
+                       for r in recipes]
         else:
             train = load_split(path, "train", blocks)
-            detector = Detector(base.replace(motion_lags=lags)).fit(train)
-            del train
+            views = load_split(path, view_splits(base, ["train"]), blocks) \
+                if base.zoom_views else None
+            detector = Detector(base.replace(motion_lags=lags)).fit(train, views=views)
+            del train, views
         fit_s = time.perf_counter() - t0
         test = load_split(path, "test", blocks)
         if ids is None:

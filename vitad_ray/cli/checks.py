@@ -195,23 +195,47 @@ def ray_flags(args) -> None:
     positive("--num-cpus", getattr(args, "num_cpus", None))
 
 
-def check_embed(args) -> list[dict]:
+def zoom_views(text: str | None) -> tuple[float, ...]:
+    """``--zoom-views``: comma-separated factors > 1, 'none', or the default recipe's."""
+    if text is None:
+        from ..detect import DEFAULT
+
+        return DEFAULT.zoom_views
+    if text.strip().lower() in ("", "none"):
+        return ()
+    try:
+        zooms = tuple(sorted({float(x) for x in text.split(",")}))
+    except ValueError:
+        raise UsageError("--zoom-views", f"comma-separated numbers or 'none', got {text!r}") \
+            from None
+    if any(z <= 1 for z in zooms):
+        raise UsageError("--zoom-views", f"zoom factors are > 1, got {text!r}")
+    return zooms
+
+
+def check_embed(args) -> tuple[list[dict], tuple[float, ...]]:
+    """(the source items, the zoom views of training frames)."""
     backbones(args)
     positive("--batch-size", args.batch_size, allow_none=False)
     positive("--actors", args.actors)
+    zooms = zoom_views(args.zoom_views)
     ray_flags(args)
     output_path("--out", args.out)
-    return sources(args)
+    return sources(args), zooms
 
 
 def check_fit(args) -> list:
-    from ..detect.recipe import embedding_layers
+    from ..data.embeddings import splits_present
+    from ..data.frames import VIEW_SPLITS
+    from ..detect.recipe import check_views, embedding_layers
 
     meta = embeddings_dir("embeddings", args.embeddings)
     (recipe,) = recipes(args, [args.recipe])
     if recipe.kind != "paper":
         try:
             embedding_layers(recipe, meta)
+            if recipe.zoom_views:
+                check_views(recipe, splits_present(args.embeddings), VIEW_SPLITS)
         except ValueError as exc:
             raise UsageError("--recipe", str(exc)) from None
     positive("--shards", args.shards, allow_none=False)

@@ -212,6 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("embed", help="embed frames with one or more backbones (Ray Data)")
     _add_sources(p)
     _add_backbone(p)
+    p.add_argument("--zoom-views", default=None,
+                   help="zoom factors of the views of the training split's frames that join "
+                        "the detector's memory, comma-separated, or 'none' (default: the "
+                        "default recipe's, 1.5)")
     _add_ray(p)
     p.add_argument("--out", required=True, help="embeddings root: one folder per backbone")
 
@@ -326,14 +330,14 @@ def _fit_config(args, recipe):
 def cmd_embed(args) -> dict:
     from .checks import DEFAULT_BACKBONE, check_embed
 
-    items = check_embed(args)
+    items, zooms = check_embed(args)
     from ..pipeline.embed import run_embedding
 
     _start_ray(args)
     choices = _choices(args, DEFAULT_BACKBONE)
     _say(f"embedding {len(items)} source items with {', '.join(c.name for c in choices)}")
     res = run_embedding(items, choices, args.out, batch_size=args.batch_size,
-                        actors_per_backbone=args.actors)
+                        actors_per_backbone=args.actors, zooms=zooms)
     for name, path in res.out_dirs.items():
         _say(f"wrote {name} embeddings to {path}")
     _say(f"{res.written} frames embedded, {res.already_present} already present, "

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..storage.atomic import atomic_path, write_json
-from .frames import ID_COLUMNS
+from .frames import ID_COLUMNS, VIEW_MARK
 
 # pandas and pyarrow are imported where they are used: reading a folder's metadata (the CLI's
 # input checks) must not cost their seconds of import.
@@ -132,6 +132,28 @@ class Embeddings:
                           None if self.local is None else self.local[mask], self.metadata)
 
 
+def splits_present(emb_dir: str | os.PathLike) -> set[str]:
+    """The split names an embeddings folder holds rows of (zoomed views' included)."""
+    import pyarrow.parquet as pq
+
+    parts = sorted(Path(emb_dir).glob("part-*.parquet"))
+    if not parts:
+        return set()
+    return set(pq.read_table(parts, columns=["split"]).column("split").unique().to_pylist())
+
+
+def frame_filter(splits: list[str] | None = None, clips: list[str] | None = None):
+    """The pyarrow filter of a read: these splits (all when None, zoomed views only when their
+    split is named) and clips."""
+    import pyarrow.compute as pc
+
+    split = pc.field("split")
+    expr = split.isin(list(splits)) if splits else ~pc.match_substring(split, VIEW_MARK)
+    if clips:
+        expr = expr & pc.field("clip").isin(list(clips))
+    return expr
+
+
 def load_embeddings(emb_dir: str | os.PathLike, splits: list[str] | None = None,
                     clips: list[str] | None = None, with_local: bool = True) -> Embeddings:
     import pyarrow as pa
@@ -142,12 +164,7 @@ def load_embeddings(emb_dir: str | os.PathLike, splits: list[str] | None = None,
     if not parts:
         raise FileNotFoundError(f"no embedding parts in {emb_dir}")
     columns = list(ID_COLUMNS) + ["global"] + (["local"] if with_local else [])
-    filters = []
-    if splits:
-        filters.append(("split", "in", list(splits)))
-    if clips:
-        filters.append(("clip", "in", list(clips)))
-    table = pq.read_table(parts, columns=columns, filters=filters or None)
+    table = pq.read_table(parts, columns=columns, filters=frame_filter(splits, clips))
     ids = table.select(list(ID_COLUMNS)).to_pandas()
     order = np.lexsort((ids["frame_index"].to_numpy(), ids["clip"].to_numpy()))
     dim = int(metadata["dim"])

@@ -21,6 +21,11 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v"}
 PAPER_FPS = 4.17  # the paper sampled its videos at 4.17 frames per second
 ID_COLUMNS = ("frame_id", "clip", "frame_index", "timestamp_s", "split", "label")
+# Zoomed views of training frames are rows of their own, apart from the frames: their split is
+# "<split>@zoom<factor>" (so reading split "train" never returns them) and their frame id the
+# frame's plus the same suffix.
+VIEW_MARK = "@"
+VIEW_SPLITS = ("train",)  # the splits whose frames get views: the normal memory
 
 
 def clip_key(split: str, clip: str) -> str:
@@ -31,6 +36,26 @@ def clip_key(split: str, clip: str) -> str:
 
 def frame_id(clip: str, frame_index: int) -> str:
     return f"{clip}/{int(frame_index)}"
+
+
+def view_name(zoom: float) -> str:
+    return f"zoom{float(zoom):g}"
+
+
+def view_split(split: str, zoom: float) -> str:
+    return f"{split}{VIEW_MARK}{view_name(zoom)}"
+
+
+def zoom_toward_top(image: np.ndarray, factor: float) -> np.ndarray:
+    """The frame's top-centre 1/factor of width and height: where a camera looking down on a
+    floor sees far away, so the crop, resized back, shows the scene's objects as they would look
+    nearer the camera (larger, lower in the frame)."""
+    if factor <= 1:
+        raise ValueError(f"a zoom factor is > 1, got {factor}")
+    h, w = image.shape[:2]
+    cw, ch = w / factor, h / factor
+    left = int(round((w - cw) / 2))
+    return np.ascontiguousarray(image[:int(round(ch)), left:int(round((w + cw) / 2))])
 
 
 def _item(kind: str, path: str, clip: str, split: str, frame_index: int = -1, label: int = -1,
@@ -179,18 +204,38 @@ def _read_image(path: str) -> np.ndarray:
         return image_rgb8(img)
 
 
-def decode_item(item: dict, sizes: Iterable[int]) -> Iterator[dict]:
-    """Frame rows for one item, each with ``pixels_<size>``; failures come as rows with ``error``."""
+def item_zooms(item: dict, zooms: Iterable[float]) -> tuple[float, ...]:
+    """The zoomed views an item's frames get: those asked for, on training frames only."""
+    return tuple(zooms) if item["split"] in VIEW_SPLITS else ()
+
+
+def decode_item(item: dict, sizes: Iterable[int], zooms: Iterable[float] = ()
+                ) -> Iterator[dict]:
+    """Frame rows for one item, each with ``pixels_<size>``, each training frame followed by its
+    zoomed views (``zooms``); failures come as rows with ``error``."""
     sizes = tuple(sizes)
+    zooms = item_zooms(item, zooms)
     base = {k: item[k] for k in ("clip", "split", "label")}
 
-    def row(index: int, t: float, image: np.ndarray | None, error: str = "") -> dict:
-        out = dict(base, frame_id=frame_id(item["clip"], index), frame_index=int(index),
-                   timestamp_s=float(t), error=error, source=item["path"])
+    def row(index: int, t: float, image: np.ndarray | None, error: str = "", zoom: float = 0
+            ) -> dict:
+        fid = frame_id(item["clip"], index)
+        out = dict(base, frame_id=fid, frame_index=int(index), timestamp_s=float(t),
+                   error=error, source=item["path"])
+        if zoom:
+            out.update(frame_id=f"{fid}{VIEW_MARK}{view_name(zoom)}",
+                       split=view_split(item["split"], zoom))
+            image = zoom_toward_top(image, zoom)
         for size in sizes:
             out[f"pixels_{size}"] = (resize_frame(image, size) if image is not None
                                      else np.zeros((size, size, 3), np.uint8))
         return out
+
+    def rows(index: int, t: float, image: np.ndarray) -> Iterator[dict]:
+        if not item.get("views_only"):  # (an image whose frame is embedded already)
+            yield row(index, t, image)
+        for zoom in zooms:
+            yield row(index, t, image, zoom=zoom)
 
     if item["kind"] == "image":
         try:
@@ -200,14 +245,14 @@ def decode_item(item: dict, sizes: Iterable[int]) -> Iterator[dict]:
         except Exception as exc:
             yield row(item["frame_index"], item["timestamp_s"], None, _reason(exc))
             return
-        yield row(item["frame_index"], item["timestamp_s"], image)
+        yield from rows(item["frame_index"], item["timestamp_s"], image)
         return
 
     last = -1
     try:
         for number, t, image in sample_video(item["path"], item["fps"] or None):
             last = number
-            yield row(number, t, image)
+            yield from rows(number, t, image)
         if last < 0:
             raise ValueError("no decodable frame")
     except Exception as exc:

@@ -36,6 +36,9 @@ from .motion import past_rows
 from .recipe import DEFAULT, Recipe
 
 APPEARANCE = "appearance"
+# The recipe settings a fitted stream depends on; the others (aggregation, fusion, smoothing,
+# threshold) can change on fitted streams (``Detector.with_recipe``).
+FITTED_SETTINGS = ("calibration", "m", "coreset", "loo_min_clips", "loo_segment_s", "zoom_views")
 MOTION = "motion"
 GLOBAL_EVIDENCE = "global"
 
@@ -46,13 +49,16 @@ def stream_names(recipe: Recipe) -> list[tuple[str, int]]:
 
 
 def loo_groups(clips: np.ndarray, frame_index: np.ndarray, timestamp_s: np.ndarray,
-               recipe: Recipe) -> np.ndarray:
+               recipe: Recipe, by_clip: bool | None = None) -> np.ndarray:
     """The groups that leave-one-clip-out leaves out: the training clips; or, with fewer than
     ``recipe.loo_min_clips`` clips (one long recording, say), segments of
     ``recipe.loo_segment_s`` seconds of each clip (frame_index / 4.17 fps where a clip has no
-    timestamps)."""
+    timestamps). ``by_clip``: which of the two, when already decided for the frames that
+    these rows are views of."""
     clips = np.asarray(clips).astype(str)
-    if len(np.unique(clips)) >= recipe.loo_min_clips:
+    if by_clip is None:
+        by_clip = len(np.unique(clips)) >= recipe.loo_min_clips
+    if by_clip:
         return clips
     t = np.asarray(timestamp_s, np.float64).copy()
     index = np.asarray(frame_index, np.float64)
@@ -69,10 +75,10 @@ def loo_groups(clips: np.ndarray, frame_index: np.ndarray, timestamp_s: np.ndarr
     return groups
 
 
-def training_frames(emb, recipe: Recipe):
+def training_frames(emb, recipe: Recipe, by_clip: bool | None = None):
     """(embeddings [S, N, D], clips [N], frame_index [N], leave-one-clip-out groups [N]) of the
     training frames, sorted by clip and time (no copy beyond the scope-major one where they
-    are sorted already)."""
+    are sorted already). ``by_clip``: as ``loo_groups``."""
     from ..pipeline.fit import stack_scopes
 
     ids = emb.ids
@@ -83,8 +89,20 @@ def training_frames(emb, recipe: Recipe):
     else:
         stacked = stack_scopes(emb.global_[order], emb.local[order])
     clips, index = clips_all[order], index_all[order]
-    groups = loo_groups(clips, index, ids["timestamp_s"].to_numpy()[order], recipe)
+    groups = loo_groups(clips, index, ids["timestamp_s"].to_numpy()[order], recipe, by_clip)
     return stacked, clips, index, groups
+
+
+def view_frames(views, train_clips: np.ndarray, recipe: Recipe) -> list[tuple]:
+    """``training_frames`` of each zoom factor's views of the training frames (Embeddings
+    whose split names the view), grouped for leave-one-clip-out as the frames they are views
+    of: a view is left out with its frame's clip."""
+    if views is None or not len(views):
+        return []
+    by_clip = len(np.unique(np.asarray(train_clips).astype(str))) >= recipe.loo_min_clips
+    split = views.ids["split"].to_numpy()
+    return [training_frames(views.select(split == name), recipe, by_clip)
+            for name in sorted(set(split))]
 
 
 def motion_vectors(x: np.ndarray, frame_index: np.ndarray, lag: int, n_past: int = 0
@@ -165,16 +183,33 @@ class Detector(BaseEstimator):
         self.device = device
 
     # --- fit --------------------------------------------------------------------------------
-    def fit(self, emb, y=None) -> "Detector":
-        """emb: training ``Embeddings`` (frames of normal video, any clip order)."""
+    def fit(self, emb, y=None, views=None) -> "Detector":
+        """emb: training ``Embeddings`` (frames of normal video, any clip order); views: their
+        zoomed views (``vitad embed --zoom-views``), memory only."""
         stacked, clips, index, groups = training_frames(emb, self.recipe)
+        extra = self.view_streams(view_frames(views, clips, self.recipe))
         states, loo = {}, {}
         for name, x in self.training_streams(stacked, clips, index):
-            est = CrossClipNormality(m=self.recipe.m, coreset=self.recipe.coreset,
-                                     device=self.device).fit(x, groups)
+            est = self.normality().fit(x, groups, *extra.get(name, (None, None)))
             states[name] = est
             loo[name] = est.train_scores(self.recipe.calibration)
         return self.set_fitted(states, loo, clips, index)
+
+    def normality(self) -> CrossClipNormality:
+        """An unfitted estimator of one stream, as the recipe sets it."""
+        return CrossClipNormality(m=self.recipe.m, coreset=self.recipe.coreset,
+                                  device=self.device,
+                                  local_density=self.recipe.calibration == "ratio")
+
+    def view_streams(self, view_sets: list[tuple]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Per stream, (vectors [S, E, D], leave-one-clip-out groups [E]) of the views of the
+        training frames (``view_frames``): each view set's own motion, within its own frames."""
+        parts: dict[str, list] = {}
+        for stacked, clips, index, groups in view_sets:
+            for name, x in self.training_streams(stacked, clips, index):
+                parts.setdefault(name, []).append((x, groups))
+        return {name: (np.concatenate([x for x, _ in xs], axis=1),
+                       np.concatenate([g for _, g in xs])) for name, xs in parts.items()}
 
     def training_streams(self, stacked: np.ndarray, clips: np.ndarray, index: np.ndarray):
         """(stream name, vectors [S, N, D]) from the training frames' embeddings [S, N, D],
@@ -201,7 +236,7 @@ class Detector(BaseEstimator):
         self.train_clips_, self.train_index_ = np.asarray(clips), np.asarray(index)
         self.num_patches_ = int(next(iter(loo.values())).shape[0] - 1)
         self.grid_ = math.isqrt(self.num_patches_)
-        raw = {name: self._raw_evidence(s) for name, s in loo.items()}
+        raw = {name: self._raw_evidence(name, s) for name, s in loo.items()}
         self.evidence_mean_ = {n: float(r[1].mean()) for n, r in raw.items()}
         self.evidence_std_ = {n: max(float(r[1].std()), 1e-12) for n, r in raw.items()}
         self.global_mean_ = {n: float(s[0].mean()) for n, s in loo.items()}
@@ -223,8 +258,7 @@ class Detector(BaseEstimator):
     def with_recipe(self, recipe: Recipe) -> "Detector":
         """Another recipe's detector on these fitted streams, without refitting them: only the
         aggregation, fusion, smoothing and threshold settings may differ (and fewer lags)."""
-        fitted = ("calibration", "m", "coreset", "loo_min_clips", "loo_segment_s")
-        changed = [k for k in fitted if getattr(recipe, k) != getattr(self.recipe, k)]
+        changed = [k for k in FITTED_SETTINGS if getattr(recipe, k) != getattr(self.recipe, k)]
         names = [n for n, _ in stream_names(recipe)]
         missing = [n for n in names if n not in self.streams_]
         if changed or missing:
@@ -283,7 +317,8 @@ class Detector(BaseEstimator):
         """Scope scores [S, B] per stream -> the frames' detection; a state is advanced past
         these frames (``embeddings``: the frames' own (global, local), kept for motion)."""
         stateful = state is not None
-        z = {name: self._standardize(name, self._raw_evidence(s)) for name, s in scores.items()}
+        z = {name: self._standardize(name, self._raw_evidence(name, s))
+             for name, s in scores.items()}
         motion = instant = None
         if stateful and self.recipe.motion_lags:
             instant = self._motion_instant(z)
@@ -308,12 +343,13 @@ class Detector(BaseEstimator):
         return self.decide(scores, frame_index, state, (global_, local))
 
     # --- internals --------------------------------------------------------------------------
-    def _raw_evidence(self, scope_scores: np.ndarray
+    def _raw_evidence(self, stream: str, scope_scores: np.ndarray
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """[S, B] -> (global [B], frame evidence [B], pooled patch scores [B, P])."""
-        patch = pool_patches(np.asarray(scope_scores[1:], np.float64).T, self.recipe.pool)
-        return (np.asarray(scope_scores[0], np.float64), topk_mean(patch, self.recipe.top_k),
-                patch)
+        r = self.recipe
+        pool, top = (r.pool, r.top_k) if stream == APPEARANCE else (r.motion_pool, r.motion_top_k)
+        patch = pool_patches(np.asarray(scope_scores[1:], np.float64).T, pool)
+        return np.asarray(scope_scores[0], np.float64), topk_mean(patch, top), patch
 
     def _standardize(self, name: str, raw: tuple) -> tuple:
         g, frame, patch = raw

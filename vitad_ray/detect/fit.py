@@ -16,42 +16,50 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..normality.crossclip import CrossClipNormality
 from ..pipeline.progress import Progress
-from .detector import Detector, stream_names, training_frames
+from .detector import FITTED_SETTINGS, Detector, stream_names, training_frames, view_frames
 from .recipe import Recipe
 from .state import DETECTOR_DIR, load_detector, save_stream, save_train_frames, stream_done
 
 
-def fit_scope_range(train: np.ndarray, lo: int, hi: int, groups: np.ndarray, recipe: dict
+def fit_scope_range(train: np.ndarray, lo: int, hi: int, groups: np.ndarray, recipe: dict,
+                    extra: np.ndarray | None = None, extra_groups: np.ndarray | None = None
                     ) -> dict:
-    """One task: scopes lo:hi of one stream. Returns their arrays (state_, train scores)."""
+    """One task: scopes lo:hi of one stream (``extra``: its memory-only vectors, the views of
+    the training frames). Returns their arrays (state_, train scores)."""
     import torch
 
     torch.set_num_threads(1)
     r = Recipe.from_dict(recipe)
-    est = CrossClipNormality(m=r.m, coreset=r.coreset).fit(train[lo:hi], groups)
+    est = Detector(r).normality().fit(train[lo:hi], groups,
+                                      None if extra is None else extra[lo:hi], extra_groups)
+    own = r.coreset is None and extra is None  # memory = the training vectors, already held
     return {"lo": lo, "hi": hi, "loc_dens": est.loc_dens_, "mu": est.mu_, "sigma": est.sigma_,
             "ref_sorted": est.ref_sorted_, "train_scores": est.train_scores(r.calibration),
-            "memory": None if r.coreset is None else est.memory_}
+            "memory": None if own else est.memory_}
 
 
-def signature(emb_meta: dict, frame_ids: list[str], recipe: Recipe) -> str:
+def signature(emb_meta: dict, frame_ids: list[str], recipe: Recipe,
+              view_ids: list[str] = ()) -> str:
     h = hashlib.sha256()
     h.update(f"{emb_meta['backbone']}|{emb_meta['weights_sha256']}|{emb_meta.get('layers')}|"
              f"{emb_meta['image_size']}|".encode())
     h.update("\n".join(frame_ids).encode())
+    if view_ids:  # (models fitted before views keep their signature)
+        h.update(("\n" + "\n".join(view_ids)).encode())
+    # zoom_views are in the view ids hashed above.
     fitted = {k: v for k, v in recipe.to_dict().items()
-              if k in ("calibration", "m", "coreset", "loo_min_clips", "loo_segment_s")}
+              if k in FITTED_SETTINGS and k != "zoom_views"}
     h.update(json.dumps(fitted, sort_keys=True).encode())
     return h.hexdigest()
 
 
 def fit_streams(emb, model_dir: str | Path, recipe: Recipe, scope_chunk: int = 32,
-                show_progress: bool = True) -> tuple[Detector, dict]:
-    """Fit (or resume) every stream of ``recipe`` on training embeddings ``emb``; returns the
-    fitted Detector and what was done. The embeddings' arrays are let go of once stacked
-    scope-major (at 448 px a copy is gigabytes)."""
+                show_progress: bool = True, views=None) -> tuple[Detector, dict]:
+    """Fit (or resume) every stream of ``recipe`` on training embeddings ``emb`` (and their
+    zoomed ``views``, memory only); returns the fitted Detector and what was done. The
+    embeddings' arrays are let go of once stacked scope-major (at 448 px a copy is
+    gigabytes)."""
     import ray
 
     model_dir = Path(model_dir)
@@ -60,20 +68,28 @@ def fit_streams(emb, model_dir: str | Path, recipe: Recipe, scope_chunk: int = 3
     frame_ids = ids["frame_id"].to_numpy()[order].tolist()
     stacked, clips, index, groups = training_frames(emb, recipe)
     emb.global_ = emb.local = None
-    sig = signature(metadata, frame_ids, recipe)
+    view_ids = [] if views is None else sorted(views.ids["frame_id"].tolist())
+    sig = signature(metadata, frame_ids, recipe, view_ids)
     det = Detector(recipe)
+    extra = det.view_streams(view_frames(views, clips, recipe))
+    if views is not None:
+        views.global_ = views.local = None
     task = ray.remote(num_cpus=1, max_retries=3)(fit_scope_range)
     n_scopes = stacked.shape[0]
     done, fitted = [], []
     progress = Progress("fit", total=n_scopes * len(stream_names(recipe)), enabled=show_progress)
     for name, train in det.training_streams(stacked, clips, index):
+        extra_x, extra_groups = extra.pop(name, (None, None))
         if stream_done(model_dir, name, sig):
             done.append(name)
             progress.update(n_scopes, f"stream {name} already fitted")
             continue
         ref = ray.put(train)
+        extra_ref = None if extra_x is None else ray.put(extra_x)
+        del extra_x
         pending = [task.remote(ref, lo, min(n_scopes, lo + scope_chunk), groups,
-                               recipe.to_dict()) for lo in range(0, n_scopes, scope_chunk)]
+                               recipe.to_dict(), extra_ref, extra_groups)
+                   for lo in range(0, n_scopes, scope_chunk)]
         arrays = {}
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)
@@ -88,7 +104,7 @@ def fit_streams(emb, model_dir: str | Path, recipe: Recipe, scope_chunk: int = 3
         arrays.setdefault("memory", train)
         save_stream(model_dir, name, arrays, sig)
         fitted.append(name)
-        del ref, train, arrays
+        del ref, extra_ref, train, arrays
     progress.close()
     frames = pd.DataFrame({"frame_id": frame_ids, "clip": clips, "frame_index": index,
                            "loo_group": groups})
@@ -107,16 +123,18 @@ def fit_detector_model(emb_dir: str | Path, model_dir: str | Path, recipe: Recip
                        ) -> dict:
     """Load the training frames of an embeddings folder, fit the recipe's streams, write
     ``model.json``; returns what was done."""
-    from ..pipeline.fit import load_training_frames
+    from ..pipeline.fit import load_training_frames, load_training_views
     from ..storage.modeldir import embeddings_entry, write_model_json
     from ..storage.versions import package_versions
 
     start = time.perf_counter()
     model_dir = Path(model_dir)
     emb, layers = load_training_frames(emb_dir, recipe, train_splits)
+    views = load_training_views(emb_dir, recipe, train_splits, layers)
+    n_views = 0 if views is None else len(views)
     meta = emb.metadata
     model_dir.mkdir(parents=True, exist_ok=True)
-    det, done = fit_streams(emb, model_dir, recipe, show_progress=show_progress)
+    det, done = fit_streams(emb, model_dir, recipe, show_progress=show_progress, views=views)
     previous = {}
     if (model_dir / "model.json").exists():
         previous = json.loads((model_dir / "model.json").read_text())
@@ -133,7 +151,7 @@ def fit_detector_model(emb_dir: str | Path, model_dir: str | Path, recipe: Recip
         "embeddings": embeddings_entry(emb_dir, meta, layers),
         "recipe": recipe.to_dict(),
         "train": {"splits": list(train_splits), "clips": sorted(map(str, emb.ids["clip"].unique())),
-                  "n_frames": len(emb), "loo_groups": done["loo_groups"]},
+                  "n_frames": len(emb), "n_views": n_views, "loo_groups": done["loo_groups"]},
         "detector": {"streams": [n for n, _ in stream_names(recipe)], "memory_bytes": memory,
                      "signature": done["signature"],
                      "train_fpr_at_threshold": float((det.train_scores_ >= det.threshold_).mean())},

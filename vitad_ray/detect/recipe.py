@@ -36,12 +36,25 @@ class Recipe:
     block: float | None = 0.75
     # Motion streams: each scope's change since this many frames earlier (frame_index units).
     motion_lags: tuple[int, ...] = (4,)
+    # Perspective views: every training frame is also embedded zoomed toward its top edge by
+    # these factors (``vitad embed --zoom-views``), and those vectors join every stream's memory.
+    # A fixed camera looking down on a floor sees what comes nearer larger and lower in the
+    # frame; without these views a pedestrian walking closer to the camera than any training one
+    # did is as novel as a cart. 1.5 gave the lightest tail of leave-one-clip-out scores on
+    # Ped2's training clips, no labels used (docs/benchmarks.md).
+    zoom_views: tuple[float, ...] = (1.5,)
     # Per-scope calibration of the nearest distance d, all leave-one-clip-out: raw d, the uncapped
     # ratio d / loc_dens, a z-score or the empirical CDF of the training frames' distances.
     calibration: str = "raw"
     m: int = 5  # neighbours behind loc_dens
-    pool: int = 3  # patch scores averaged over a pool x pool grid neighbourhood (1: none)
-    top_k: float = 0.16  # frame evidence: mean of the top share (float) or count (int) of patches
+    # Appearance evidence: patch scores averaged over a pool x pool grid neighbourhood (1:
+    # none), then the mean of the top share (float) or count (int) of patches.
+    pool: int = 1
+    top_k: float = 0.08
+    # The same for the motion streams: a moving object's change spans its trail, so motion is
+    # pooled wider than appearance.
+    motion_pool: int = 3
+    motion_top_k: float = 0.16
     # Evidence on one scale (each standardized against the training frames scored
     # leave-one-clip-out), then fused: "max" flags a frame when any evidence is high, "mean"
     # averages them. The global scope joins with this weight (0: not used).
@@ -49,7 +62,7 @@ class Recipe:
     global_weight: float = 0.0
     # Causal mean over the last W frames of the motion evidence only: motion is noisy frame to
     # frame, while appearance evidence (a still object, a one-frame event) is never smoothed away.
-    temporal_window: int = 8
+    temporal_window: int = 16
     coreset: float | None = None  # share of training vectors kept per scope (k-center)
     # Leave-one-clip-out needs clips: with fewer than loo_min_clips training clips, every clip
     # is cut into segments of loo_segment_s seconds that act as clips.
@@ -67,12 +80,14 @@ class Recipe:
             raise ValueError(f"calibration must be one of {CALIBRATIONS}, got {self.calibration!r}")
         if self.fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
+        if any(float(z) <= 1 for z in self.zoom_views):
+            raise ValueError(f"zoom views are factors > 1, got {list(self.zoom_views)}")
         if any(int(lag) < 1 for lag in self.motion_lags):
             raise ValueError(f"motion lags are >= 1 frame, got {list(self.motion_lags)}")
         if self.block is not None and not 0 < float(self.block) <= 1:
             raise ValueError(f"block is a share of the backbone's depth in (0, 1], got {self.block}")
-        if self.pool < 1 or self.temporal_window < 1:
-            raise ValueError("pool and temporal_window are >= 1")
+        if min(self.pool, self.motion_pool, self.temporal_window) < 1:
+            raise ValueError("pool, motion_pool and temporal_window are >= 1")
         if not 0 < self.target_fpr < 1:
             raise ValueError(f"target_fpr is in (0, 1), got {self.target_fpr}")
         if self.coreset is not None and not 0 < self.coreset <= 1:
@@ -80,6 +95,7 @@ class Recipe:
         if not 0 <= self.global_weight <= 1:
             raise ValueError(f"global_weight is in [0, 1], got {self.global_weight}")
         object.__setattr__(self, "motion_lags", tuple(int(x) for x in self.motion_lags))
+        object.__setattr__(self, "zoom_views", tuple(float(x) for x in self.zoom_views))
 
     @property
     def context_frames(self) -> int:
@@ -97,6 +113,7 @@ class Recipe:
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
         out["motion_lags"] = list(self.motion_lags)
+        out["zoom_views"] = list(self.zoom_views)
         return out
 
     @classmethod
@@ -112,7 +129,7 @@ class Recipe:
 
 
 PAPER = Recipe(name="paper", kind="paper", image_size=224, block=1.0, motion_lags=(),
-               calibration="ratio", pool=1, top_k=0.5, temporal_window=1)
+               zoom_views=(), calibration="ratio", pool=1, top_k=0.5, temporal_window=1)
 DEFAULT = Recipe()
 # The calibration clips' pick among every recipe swept at 224 px: appearance alone, so a frame
 # needs no stream state (one stream, half the default's memory and search).
@@ -148,14 +165,38 @@ def get_recipe(name_or_path: str | Path | Recipe | None) -> Recipe:
 
 
 def recipe_from_model(doc: dict) -> Recipe:
-    """The recipe a model.json was fitted with (models written before recipes: ``paper``)."""
+    """The recipe a model.json was fitted with (models written before recipes: ``paper``;
+    before zoomed views and motion's own pooling: none, and the appearance's)."""
     if "recipe" not in doc:
         return PAPER
-    return Recipe.from_dict(doc["recipe"])
+    recipe = dict(doc["recipe"])
+    recipe.setdefault("zoom_views", [])
+    recipe.setdefault("motion_pool", recipe.get("pool", Recipe.pool))
+    recipe.setdefault("motion_top_k", recipe.get("top_k", Recipe.top_k))
+    return Recipe.from_dict(recipe)
 
 
 def recipe_json(recipe: Recipe) -> str:
     return json.dumps(recipe.to_dict(), sort_keys=True)
+
+
+def view_splits(recipe: Recipe, splits) -> list[str]:
+    """The splits of the zoomed views of the training splits ``splits`` the recipe's memory
+    holds."""
+    from ..data.frames import view_split
+
+    return [view_split(s, z) for s in splits for z in recipe.zoom_views]
+
+
+def check_views(recipe: Recipe, present: set[str], splits) -> None:
+    """Refuses embeddings that lack the training frames' zoomed views the recipe needs."""
+    missing = [s for s in view_splits(recipe, splits) if s not in present]
+    if missing and recipe.kind != "paper":
+        zooms = ",".join(f"{z:g}" for z in recipe.zoom_views)
+        raise ValueError(f"recipe {recipe.name!r} needs the training frames' zoomed views "
+                         f"({', '.join(missing)}), these embeddings hold none: run `vitad embed` "
+                         f"again with --zoom-views {zooms} into the same --out (the frames "
+                         "already embedded are kept), or fit a recipe file with zoom_views: []")
 
 
 def embedding_layers(recipe: Recipe, metadata: dict) -> tuple[int, ...]:

@@ -18,7 +18,8 @@ from .detector import Detection, Detector, StreamState, stream_names
 from .offline import clip_rows, concat
 from .recipe import Recipe
 
-AXES = ("motion_lags", "pool", "top_k", "temporal_window", "fusion", "global_weight")
+AXES = ("motion_lags", "pool", "top_k", "motion_pool", "motion_top_k", "temporal_window",
+        "fusion", "global_weight")
 
 
 def recipe_grid(base: Recipe, **axes) -> list[Recipe]:

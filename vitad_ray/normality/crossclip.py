@@ -7,7 +7,8 @@ training set is taken leave-one-clip-out: a training vector is compared only wit
 *other* clips, exactly as a normal test frame from a new clip is compared with the training set.
 
 ``CrossClipNormality`` (scikit-learn style) holds, per scope:
-- ``memory_`` [S, K, D]: the vectors a query is searched against (all, or a k-center coreset);
+- ``memory_`` [S, K, D]: the vectors a query is searched against (the training vectors and any
+  memory-only ones, such as zoomed views of the training frames; all, or a k-center coreset);
 - ``loo_d_`` [S, N]: each training vector's distance to its nearest memory vector of another clip;
 - ``loc_dens_`` [S, K]: each memory vector's mean distance to its m nearest of other clips;
 - ``mu_``, ``sigma_`` [S] and ``ref_sorted_`` [S, N]: the z-score and empirical-CDF calibration of
@@ -74,34 +75,50 @@ class CrossClipNormality(BaseEstimator):
     """Per-scope nearest-neighbour normality with leave-one-clip-out density and calibration.
 
     ``coreset``: None (keep every training vector) or the fraction kept by greedy k-center.
+    ``local_density``: whether to learn ``loc_dens_`` (the ``ratio`` calibration needs it; it
+    costs a search of the memory against itself, the largest of a fit with memory-only vectors).
     """
 
     def __init__(self, m: int = 5, coreset: float | None = None, coreset_dim: int = 128,
-                 seed: int = 0, device: str | None = None):
+                 seed: int = 0, device: str | None = None, local_density: bool = True):
         self.m, self.coreset, self.coreset_dim = m, coreset, coreset_dim
-        self.seed, self.device = seed, device
+        self.seed, self.device, self.local_density = seed, device, local_density
 
-    def fit(self, train: np.ndarray, clips: np.ndarray) -> "CrossClipNormality":
-        """train [S, N, D] (scopes first), clips [N]: the clip of each training frame."""
+    def fit(self, train: np.ndarray, clips: np.ndarray, extra: np.ndarray | None = None,
+            extra_clips: np.ndarray | None = None) -> "CrossClipNormality":
+        """train [S, N, D] (scopes first), clips [N]: the clip of each training frame. ``extra``
+        [S, E, D] with ``extra_clips`` [E]: vectors that join the memory only (views of the
+        training frames), left out with their clip like the clip's own frames."""
         train = np.ascontiguousarray(train, np.float32)
         clips = np.asarray(clips)
         self._memory_t = None
         n_scopes, n = train.shape[:2]
+        memory, memory_clips = train, clips
+        if extra is not None and np.shape(extra)[1]:
+            memory = np.concatenate([train, np.asarray(extra, np.float32)], axis=1)
+            memory_clips = np.concatenate([clips, np.asarray(extra_clips).astype(clips.dtype)])
+            # Each clip's rows in one run: leave-one-clip-out masks them instead of copying.
+            order = np.argsort(memory_clips, kind="stable")
+            memory, memory_clips = np.ascontiguousarray(memory[:, order]), memory_clips[order]
+        own_memory = memory is train
         if self.coreset is None:
-            self.memory_ = train
-            memory_clips = clips
+            self.memory_ = memory
         else:
             if not 0 < self.coreset <= 1:
                 raise ValueError(f"coreset is a fraction in (0, 1], got {self.coreset}")
-            keep = kcenter_coreset(train, max(self.m + 1, round(self.coreset * n)),
+            keep = kcenter_coreset(memory, max(self.m + 1, round(self.coreset * n)),
                                    proj_dim=self.coreset_dim, seed=self.seed, device=self.device)
-            self.memory_ = np.take_along_axis(train, keep[:, :, None], axis=1)
-            memory_clips = clips[keep]  # [S, K]
+            self.memory_ = np.take_along_axis(memory, keep[:, :, None], axis=1)
+            memory_clips = memory_clips[keep]  # [S, K]
         self.memory_clips_ = memory_clips
-        dens, rows = loo_clip_neighbors(self.memory_, memory_clips, self.memory_, memory_clips,
-                                        k=self.m, device=self.device)
-        self.loc_dens_ = dens.mean(axis=2)
-        if self.coreset is None:  # memory = training set: its nearest of other clips is known
+        self.loc_dens_ = np.zeros((n_scopes, 0), np.float32)
+        dens = None
+        if self.local_density or (self.coreset is None and own_memory):
+            dens, rows = loo_clip_neighbors(self.memory_, memory_clips, self.memory_,
+                                            memory_clips, k=self.m, device=self.device)
+            if self.local_density:
+                self.loc_dens_ = dens.mean(axis=2)
+        if dens is not None and self.coreset is None and own_memory:  # nearest of other clips
             self.loo_d_, self.loo_nn_ = dens[:, :, 0], rows[:, :, 0]
         else:
             d, nn = loo_clip_neighbors(train, clips, self.memory_, memory_clips, k=1,
@@ -151,6 +168,8 @@ class CrossClipNormality(BaseEstimator):
         if how == "raw":
             return d
         if how == "ratio":
+            if not self.loc_dens_.shape[-1]:
+                raise ValueError("the ratio calibration needs a fit with local_density=True")
             loc = np.take_along_axis(self.loc_dens_[scopes], nn, axis=1)
             return d / np.maximum(loc, 1e-6)
         mu, sigma = self.mu_[scopes, None], self.sigma_[scopes, None]

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from ..data.embeddings import EmbeddingWriter, write_metadata
-from ..data.frames import ID_COLUMNS, decode_item, expected_frames, video_fingerprint
+from ..data.frames import (ID_COLUMNS, VIEW_MARK, decode_item, expected_frames, item_zooms,
+                           video_fingerprint, view_name)
 from ..features.backbones import create_backbone, get_spec, weights_fingerprint
 from ..storage.atomic import write_json
 from ..storage.versions import package_versions
@@ -58,9 +59,11 @@ class EmbedResult:
 DECODE_CHUNK_FRAMES = 32
 
 
-def decode_batch(batch: dict, sizes: tuple[int, ...]) -> Iterator[dict]:
-    """Ray Data batch function: source items in, frame rows out (one item may give many rows),
-    yielded in chunks of at most ``DECODE_CHUNK_FRAMES``.
+def decode_batch(batch: dict, sizes: tuple[int, ...], zooms: tuple[float, ...] = ()
+                 ) -> Iterator[dict]:
+    """Ray Data batch function: source items in, frame rows out (one item may give many rows;
+    training frames also their zoomed views), yielded in chunks of at most
+    ``DECODE_CHUNK_FRAMES``.
 
     ``source_rows`` is 0 on every row but an item's last, where it is the number of rows the
     item gave: the driver knows a video is whole once it holds that many of its frames."""
@@ -72,7 +75,7 @@ def decode_batch(batch: dict, sizes: tuple[int, ...]) -> Iterator[dict]:
     for i in range(len(batch[keys[0]])):
         item = {k: (batch[k][i].item() if hasattr(batch[k][i], "item") else batch[k][i])
                 for k in keys}
-        for row in _last_counts(decode_item(item, sizes)):
+        for row in _last_counts(decode_item(item, sizes, zooms)):
             rows.append(row)
             if len(rows) == DECODE_CHUNK_FRAMES:
                 yield _columns(rows, sizes, node)
@@ -147,7 +150,8 @@ def _cluster_cpus_gpus() -> tuple[int, int]:
 
 
 def build_dataset(items: list[dict], choices: list[BackboneChoice], batch_size: int,
-                  actors_per_backbone: int | None, threads_per_actor: int | None):
+                  actors_per_backbone: int | None, threads_per_actor: int | None,
+                  zooms: tuple[float, ...] = ()):
     import ray
 
     cpus, gpus = _cluster_cpus_gpus()
@@ -164,7 +168,8 @@ def build_dataset(items: list[dict], choices: list[BackboneChoice], batch_size: 
     # Ray Data then does not bundle the one-video input blocks of a short list into one task,
     # so the videos are decoded in parallel over the nodes.
     items_per_batch = 1 if any(it["kind"] == "video" for it in items) else 8
-    ds = ds.map_batches(decode_batch, fn_kwargs={"sizes": sizes}, batch_size=items_per_batch,
+    ds = ds.map_batches(decode_batch, fn_kwargs={"sizes": sizes, "zooms": tuple(zooms)},
+                        batch_size=items_per_batch,
                         batch_format="numpy", num_cpus=0.25)
     nodes = max(1, sum(1 for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU")))
     for i, choice in enumerate(choices):
@@ -188,8 +193,10 @@ def build_dataset(items: list[dict], choices: list[BackboneChoice], batch_size: 
 
 def run_embedding(items: list[dict], choices: list[BackboneChoice], out_root: str | Path,
                   batch_size: int = 32, actors_per_backbone: int | None = None,
-                  threads_per_actor: int | None = None, show_progress: bool = True) -> EmbedResult:
-    """Embed every item with every backbone; resumes by skipping frames already written."""
+                  threads_per_actor: int | None = None, show_progress: bool = True,
+                  zooms: tuple[float, ...] = ()) -> EmbedResult:
+    """Embed every item with every backbone, and the training frames' views zoomed by
+    ``zooms`` (the recipes' ``zoom_views``); resumes by skipping frames already written."""
     out_root = Path(out_root)
     for c in choices:
         check_features(out_root / c.name, c)
@@ -197,15 +204,19 @@ def run_embedding(items: list[dict], choices: list[BackboneChoice], out_root: st
     result = EmbedResult(out_dirs={c.name: out_root / c.name for c in choices})
     written_ids = {name: w.existing_frame_ids() for name, w in writers.items()}
     todo, result.already_present = still_to_embed(items, list(writers.values()),
-                                                  list(written_ids.values()))
-    videos = _VideoTally(todo)
+                                                  list(written_ids.values()), zooms)
+    videos = _VideoTally(todo, zooms)
     start = time.perf_counter()
     metadata_written: set[str] = set()
-    counts = [expected_frames(it) for it in todo]
+    # Rows to come: each frame's, unless held already, and its zoomed views'.
+    counts = [None if (n := expected_frames(it)) is None
+              else n * (int(not it.get("views_only")) + len(item_zooms(it, zooms)))
+              for it in todo]
     progress = Progress("embed", total=None if None in counts else sum(counts) or None,
                         enabled=show_progress)
     if todo:
-        ds = build_dataset(todo, choices, batch_size, actors_per_backbone, threads_per_actor)
+        ds = build_dataset(todo, choices, batch_size, actors_per_backbone, threads_per_actor,
+                           zooms)
         # Whole blocks as they come: each is written (and survives a crash) without waiting
         # for later ones.
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -260,28 +271,43 @@ def check_features(folder: Path, choice: BackboneChoice) -> None:
                          "another --out, or the same --image-size and --layers")
 
 
-def still_to_embed(items: list[dict], writers: list[EmbeddingWriter], written_ids: list[set]
-                   ) -> tuple[list[dict], int]:
+def still_to_embed(items: list[dict], writers: list[EmbeddingWriter], written_ids: list[set],
+                   zooms: tuple[float, ...] = ()) -> tuple[list[dict], int]:
     """(items some backbone still lacks, frames every backbone holds already).
 
-    An image is done when every folder holds its frame id; a video when every folder records it
-    finished with the file's current size, mtime and the same sampling rate. Other videos are
-    decoded again and the frames already written are dropped as they arrive."""
+    An image is done when every folder holds its frame id and those of its zoomed views; a
+    video when every folder records it finished with the file's current size, mtime, the same
+    sampling rate and the same views. Other videos are decoded again and the frames already
+    written are dropped as they arrive."""
     done = set.intersection(*written_ids)
     todo, present = [], 0
     for it in items:
         if it["kind"] == "image":
-            if f"{it['clip']}/{it['frame_index']}" in done:
+            fid = f"{it['clip']}/{it['frame_index']}"
+            views = [f"{fid}{VIEW_MARK}{view_name(z)}" for z in item_zooms(it, zooms)]
+            if fid in done:
                 present += 1
+                if all(v in done for v in views):
+                    continue
+                # Views asked of frames embedded without them: the views alone are embedded.
+                todo.append(dict(it, views_only=True))
                 continue
         else:
-            fp = video_fingerprint(it)
+            fp = _video_record(it, zooms)
             records = [w.finished_videos.get(fp["path"]) if fp else None for w in writers]
             if all(r is not None and {k: r.get(k) for k in fp} == fp for r in records):
                 present += records[0]["frames"]
                 continue
-        todo.append(it)
+        todo.append(dict(it, views_only=False))  # (every item has the key: one schema)
     return todo, present
+
+
+def _video_record(item: dict, zooms: tuple[float, ...]) -> dict | None:
+    """What a finished video is recorded with: its file's fingerprint, and the zoomed views its
+    frames were given (a run asking for other views decodes it again)."""
+    fp = video_fingerprint(item)
+    views = item_zooms(item, zooms)
+    return dict(fp, views=[view_name(z) for z in views]) if fp and views else fp
 
 
 class _VideoTally:
@@ -289,8 +315,8 @@ class _VideoTally:
     row carries is reached (retried blocks repeat frames, so ids are counted, not rows); one with
     an undecodable part is never recorded finished, and is decoded (and reported) again."""
 
-    def __init__(self, items: list[dict]):
-        self.fingerprints = {it["path"]: video_fingerprint(it) for it in items
+    def __init__(self, items: list[dict], zooms: tuple[float, ...] = ()):
+        self.fingerprints = {it["path"]: _video_record(it, zooms) for it in items
                              if it["kind"] == "video"}
         self.seen: dict[str, set] = {}
         self.total: dict[str, int] = {}
@@ -314,7 +340,8 @@ class _VideoTally:
             if len(self.seen[source]) == self.total.get(source, -1):
                 fp = self.fingerprints.pop(source)  # recorded once
                 del self.seen[source]
-                whole.append((fp["path"], dict(fp, frames=self.total[source])))
+                rows_per_frame = 1 + len(fp.get("views", []))
+                whole.append((fp["path"], dict(fp, frames=self.total[source] // rows_per_frame)))
         return whole
 
 

@@ -136,11 +136,12 @@ class Engine:
         from .embed import run_embedding
 
         groups = self.feature_groups()
-        for folder, _, choices in groups:
+        for folder, recipes, choices in groups:
             choices[:] = [_reuse_blocks(self.out / folder / c.name, c) for c in choices]
+            zooms = tuple(sorted({z for r in recipes for z in r.zoom_views}))
             emb = self._timed(f"embed {folder}", run_embedding, items, choices,
                               self.out / folder, batch_size=self.batch_size,
-                              actors_per_backbone=self.actors)
+                              actors_per_backbone=self.actors, zooms=zooms)
             self.say(f"[1/4] embedded {emb.written} frames ({emb.already_present} already "
                      f"present, {len(emb.errors)} skipped) in "
                      f"{self.timings[f'embed {folder}']:.1f}s at {choices[0].spec.image_size} "

@@ -164,6 +164,19 @@ def load_training_frames(emb_dir: str | os.PathLike, recipe, splits: tuple[str, 
     return (select_layers(emb, layers) if layers else emb), layers
 
 
+def load_training_views(emb_dir: str | os.PathLike, recipe, splits: tuple[str, ...],
+                        layers: tuple[int, ...]):
+    """The training frames' zoomed views the recipe's memory holds (None: it holds none)."""
+    from ..data.embeddings import select_layers, splits_present
+    from ..detect.recipe import check_views, view_splits
+
+    if not recipe.zoom_views:
+        return None
+    check_views(recipe, splits_present(emb_dir), splits)
+    views = load_embeddings(emb_dir, splits=view_splits(recipe, splits))
+    return select_layers(views, layers) if layers else views
+
+
 def fit_recipe(emb_dir: str | os.PathLike, model_dir: str | os.PathLike, recipe=None,
                cfg: FitConfig | None = None, show_progress: bool = True) -> FitResult:
     """Fit a model directory for a recipe (a name, a YAML path or a Recipe): the paper's

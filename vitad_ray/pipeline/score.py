@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..data.embeddings import _fixed_list, _to_numpy, identity_table
+from ..data.embeddings import _fixed_list, _to_numpy, frame_filter, identity_table
 from ..data.frames import ID_COLUMNS
 from ..normality import METHODS
 from ..normality.estimators import knnn_confidence, knnn_ratio
@@ -285,12 +285,7 @@ def score_embeddings(model_dir: str | os.PathLike, emb_dir: str | os.PathLike,
     parts = sorted(str(p) for p in Path(emb_dir).glob("part-*.parquet"))
     if not parts:
         raise FileNotFoundError(f"no embedding parts in {emb_dir}")
-    filters = []
-    if splits:
-        filters.append(("split", "in", list(splits)))
-    if clips:
-        filters.append(("clip", "in", list(clips)))
-    table = pq.read_table(parts, filters=filters or None)
+    table = pq.read_table(parts, filters=frame_filter(splits, clips))
     if not len(table):
         raise ValueError(f"{emb_dir}: no frames in splits {splits or 'any'}"
                          + (f" and clips {clips}" if clips else ""))

@@ -75,8 +75,8 @@ def _video_items(folder):
     return items_from_videos([folder], split="train", fps=0)
 
 
-def _rows_of(items):
-    return [row for chunk in decode_batch(_as_batch(items), (16,)) for row in
+def _rows_of(items, zooms=()):
+    return [row for chunk in decode_batch(_as_batch(items), (16,), zooms) for row in
             (dict(zip(chunk, values)) for values in zip(*chunk.values()))]
 
 
@@ -117,7 +117,8 @@ def test_a_rerun_skips_finished_videos_unless_the_file_or_the_rate_changed(tmp_p
     # A rewritten file is decoded again.
     path = Path(items[0]["path"])
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1_000_000_000))
-    assert still_to_embed(items, reopened, [set(), set()]) == ([items[0]], 4)
+    assert still_to_embed(items, reopened, [set(), set()]) == ([dict(items[0], views_only=False)],
+                                                                4)
     # A backbone folder without the record (a backbone added later) needs the video too.
     fresh = EmbeddingWriter(tmp_path / "emb" / "z")
     assert len(still_to_embed(items, [reopened[1], fresh], [set(), set()])[0]) == 2
@@ -203,3 +204,48 @@ def test_a_videos_expected_frames_are_the_frames_it_gives(tmp_path, fps):
     given = sum(1 for _ in sample_video(item["path"], item["fps"] or None))
     assert expected_frames(item) == given
     assert expected_frames({"kind": "video", "path": str(tmp_path / "nope.mp4"), "fps": 0}) is None
+
+
+def test_training_frames_get_zoomed_views_as_rows_of_their_own(tmp_path):
+    """A view is the frame's top-centre 1/zoom, resized: rows apart from the frames (split
+    ``train@zoom1.5``), for the training split only; a folder embedded without views embeds the
+    views alone when they are asked for later."""
+    from vitad_ray.data.frames import zoom_toward_top
+
+    image = np.zeros((60, 90, 3), np.uint8)
+    image[:40, 15:75] = 200  # the top-centre 2/3 of each side
+    crop = zoom_toward_top(image, 1.5)
+    assert crop.shape == (40, 60, 3) and (crop == 200).all()
+    with pytest.raises(ValueError, match="> 1"):
+        zoom_toward_top(image, 1.0)
+    for split in ("train", "test"):
+        Image.fromarray(image).save(tmp_path / f"{split}.png")
+    train = {"kind": "image", "path": str(tmp_path / "train.png"), "clip": "c", "split": "train",
+             "frame_index": 3, "label": 0, "timestamp_s": 0.3, "fps": 0.0}
+    rows = list(decode_item(train, (30,), zooms=(1.5, 2.0)))
+    assert [(r["frame_id"], r["split"]) for r in rows] == [
+        ("c/3", "train"), ("c/3@zoom1.5", "train@zoom1.5"), ("c/3@zoom2", "train@zoom2")]
+    assert all(r["clip"] == "c" and r["frame_index"] == 3 for r in rows)
+    assert (rows[1]["pixels_30"] == 200).all() and not (rows[0]["pixels_30"] == 200).all()
+    test = dict(train, path=str(tmp_path / "test.png"), split="test")
+    assert [r["frame_id"] for r in decode_item(test, (30,), zooms=(1.5,))] == ["c/3"]
+    writer = EmbeddingWriter(tmp_path / "emb")
+    todo, present = still_to_embed([train, test], [writer], [{"c/3"}], zooms=(1.5,))
+    assert present == 2 and todo == [dict(train, views_only=True)]
+    assert [r["frame_id"] for r in decode_item(todo[0], (30,), (1.5,))] == ["c/3@zoom1.5"]
+    assert still_to_embed([train], [writer], [{"c/3", "c/3@zoom1.5"}], zooms=(1.5,)) == ([], 1)
+
+
+def test_a_finished_video_is_decoded_again_for_views_it_lacks(tmp_path):
+    items = _video_items(tmp_path / "videos")
+    writer = EmbeddingWriter(tmp_path / "emb")
+    for source, record in _VideoTally(items).add(_as_batch(_rows_of(items))):
+        writer.mark_video_finished(source, record)
+    assert still_to_embed(items, [writer], [set()]) == ([], 10)
+    assert len(still_to_embed(items, [writer], [set()], zooms=(1.5,))[0]) == 2
+    # Recorded with its views, it is whole for that run; its frame count leaves the views out.
+    views = _rows_of(items, (1.5,))
+    assert len(views) == 20
+    for source, record in _VideoTally(items, (1.5,)).add(_as_batch(views)):
+        writer.mark_video_finished(source, record)
+    assert still_to_embed(items, [writer], [set()], zooms=(1.5,)) == ([], 10)
