@@ -268,7 +268,8 @@ def check_knn(sizes: Sizes, rows: list) -> None:
                             "clip": clip[:n].astype(str), "frame_index": np.arange(n),
                             "timestamp_s": np.zeros(n)})
         emb = Embeddings(ids, x[:n, 0].copy(), x[:n, 1:].copy(), {})
-        det = Detector(DEFAULT.replace(image_size=None, block=None), device=sizes.device).fit(emb)
+        det = Detector(DEFAULT.replace(image_size=None, block=None, zoom_views=()),
+                       device=sizes.device).fit(emb)
         test = x[n:]
         det.score(test[:8, 0], test[:8, 1:], np.arange(8), StreamState())  # warm-up
         _sync(sizes.device)

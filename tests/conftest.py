@@ -61,10 +61,15 @@ def scene(tmp_path_factory):
 def embedded(ray_local, scene, tmp_path_factory):
     from vitad_ray.pipeline.embed import BackboneChoice, run_embedding
 
+    from vitad_ray.detect import DEFAULT
+
     out = tmp_path_factory.mktemp("emb")
     choices = [BackboneChoice("tiny-dinov2"), BackboneChoice("tiny-ijepa")]
-    result = run_embedding(scene["items"], choices, out, batch_size=16, show_progress=False)
-    return {"out": out, "result": result, "choices": choices}
+    # As `vitad embed` does by default: the training frames also get the default recipe's views.
+    zooms = DEFAULT.zoom_views
+    result = run_embedding(scene["items"], choices, out, batch_size=16, show_progress=False,
+                           zooms=zooms)
+    return {"out": out, "result": result, "choices": choices, "zooms": zooms}
 
 
 @pytest.fixture(scope="session")

@@ -274,6 +274,25 @@ def check_serve(args):
         raise UsageError(flag, f"{exc.__class__.__name__}: {exc}") from None
 
 
+def check_watch(args) -> None:
+    if "://" in args.source:
+        if args.source.split("://", 1)[0] not in ("rtsp", "rtsps", "http", "https", "rtmp",
+                                                  "udp", "tcp", "file"):
+            raise UsageError("source", f"a stream URL PyAV opens (rtsp://, http://), got "
+                                       f"{args.source!r}")
+    elif not Path(args.source).exists():
+        raise UsageError("source", f"{args.source} does not exist: give a video file, a folder "
+                                   "of frames or a stream URL")
+    if not args.endpoint.startswith(("http://", "https://")):
+        raise UsageError("--endpoint", f"an http(s) URL, got {args.endpoint!r}")
+    positive("--batch", args.batch, allow_none=False)
+    positive("--buffer", args.buffer, allow_none=False)
+    if args.fps is not None and args.fps < 0:
+        raise UsageError("--fps", f"a rate >= 0, got {args.fps}")
+    output_path("--out", args.out, folder=False)
+    output_path("--report", args.report)
+
+
 def check_pipeline(args, default_backbone: str) -> None:
     """`vitad evaluate` and `vitad demo`: backbones, recipes, run folder."""
     backbones(args, default_backbone)

@@ -278,6 +278,22 @@ def build_parser() -> argparse.ArgumentParser:
                                    "frames.parquet, patch_maps.npy)")
     p.add_argument("--out", help="where index.html and its PNGs go (default RUN_DIR/report)")
 
+    p = sub.add_parser("watch", help="post a video's frames to an endpoint as one camera "
+                                     "stream: alarms as they happen, a timeline CSV")
+    p.add_argument("source", help="video file, folder of frames, or stream URL (rtsp://, http://)")
+    p.add_argument("--endpoint", default="http://127.0.0.1:8000", help="`vitad serve`'s URL")
+    p.add_argument("--stream", required=True, help="the camera's id: its frames keep state")
+    p.add_argument("--token", help="bearer token (default: VITAD_SERVE_TOKEN)")
+    p.add_argument("--fps", type=float, default=None,
+                   help="video sampling rate (default 4.17, as `vitad embed`; 0 = every frame); "
+                        "a folder's images are its frames, timed at this rate")
+    p.add_argument("--batch", type=int, default=4, help="consecutive frames per request")
+    p.add_argument("--buffer", type=int, default=32, help="frames decoded ahead")
+    p.add_argument("--give-up-s", type=float, default=300.0,
+                   help="seconds of retries (503, 504, no connection) before a request is given up")
+    p.add_argument("--out", help="timeline CSV (default: watch-STREAM.csv)")
+    p.add_argument("--report", help="folder for an HTML timeline with the alarm frames' heatmaps")
+
     p = sub.add_parser("submit", help="run a step as a Ray job on a cluster (Job API)")
     p.add_argument("step", choices=["embed", "fit", "score", "evaluate", "serve-deploy"],
                    help="serve-deploy deploys the endpoint on the cluster (`vitad serve "
@@ -492,6 +508,34 @@ def cmd_report(args) -> dict:
     return {"pages": [str(p) for p in pages]}
 
 
+def cmd_watch(args) -> dict:
+    import os
+
+    from ..data.frames import PAPER_FPS
+    from ..serve.watch import Watcher, source_frames, write_timeline, write_watch_report
+    from .checks import check_watch
+
+    check_watch(args)
+    out = args.out or f"watch-{args.stream}.csv"
+    token = args.token or os.environ.get("VITAD_SERVE_TOKEN")
+    fps = PAPER_FPS if args.fps is None else args.fps
+    watcher = Watcher(args.endpoint, args.stream, token, batch=args.batch, buffer=args.buffer,
+                      give_up_s=args.give_up_s, say=_say)
+    _say(f"[watch] {args.source} -> {args.endpoint} as stream {args.stream!r}")
+    res = watcher.run(source_frames(args.source, fps))
+    write_timeline(out, res.rows)
+    scored = sum(r["status"] == "ok" for r in res.rows)
+    _say(f"[watch] {len(res.rows)} frames, {scored} scored, {len(res.alarms)} alarms, "
+         f"{res.retries} retries in {res.seconds:.1f}s; timeline: {out}")
+    if args.report:
+        page = write_watch_report(args.report, res, watcher.alarm_frames,
+                                  f"{args.source} as stream {args.stream}")
+        _say(f"[watch] report: {page}")
+    if not scored:
+        raise RuntimeError("no frame was scored")
+    return {"frames": len(res.rows), "alarms": len(res.alarms)}
+
+
 def cmd_submit(args) -> dict:
     import os
 
@@ -580,7 +624,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     handler = {"embed": cmd_embed, "fit": cmd_fit, "score": cmd_score, "submit": cmd_submit,
                "serve": cmd_serve, "verify": cmd_verify, "evaluate": cmd_evaluate, "demo": cmd_demo,
-               "report": cmd_report}[args.command]
+               "report": cmd_report, "watch": cmd_watch}[args.command]
     try:
         handler(args)
     except (FileNotFoundError, ValueError, RuntimeError, KeyError, ConnectionError) as exc:

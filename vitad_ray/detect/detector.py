@@ -186,6 +186,10 @@ class Detector(BaseEstimator):
     def fit(self, emb, y=None, views=None) -> "Detector":
         """emb: training ``Embeddings`` (frames of normal video, any clip order); views: their
         zoomed views (``vitad embed --zoom-views``), memory only."""
+        if bool(self.recipe.zoom_views) != (views is not None):
+            raise ValueError(f"recipe {self.recipe.name!r} has zoom_views "
+                             f"{list(self.recipe.zoom_views)}: give their views (the training "
+                             "frames' rows of split 'train@zoom<factor>') exactly when it has some")
         stacked, clips, index, groups = training_frames(emb, self.recipe)
         extra = self.view_streams(view_frames(views, clips, self.recipe))
         states, loo = {}, {}

@@ -107,11 +107,30 @@ def plot_timelines(frames, summary: dict, option: str, threshold: float, out: Pa
     return name
 
 
+def heatmap_overlay(rgb: np.ndarray, patch: np.ndarray, title: str, path: Path,
+                    lo: float | None = None, hi: float | None = None,
+                    mask: np.ndarray | None = None) -> None:
+    """A frame with its patch scores [P] (or [g, g]) over it, and the ground truth's outline."""
+    plt = _plt()
+    heat = upsample_maps(np.asarray(patch, np.float64).reshape(1, -1), rgb.shape[:2])[0]
+    if lo is None or hi is None:
+        lo, hi = float(heat.min()), float(heat.max())
+    fig, ax = plt.subplots(figsize=(4.0, 4.0 * rgb.shape[0] / rgb.shape[1] + 0.4))
+    ax.imshow(rgb)
+    ax.imshow(heat, cmap="jet", alpha=0.45, vmin=lo, vmax=hi)
+    if mask is not None:
+        ax.contour(mask, levels=[0.5], colors="white", linewidths=0.8)
+    ax.set_title(title, fontsize=7)
+    ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def plot_heatmaps(frames, summary: dict, maps, option: str, out: Path) -> list[tuple[str, str]]:
     """Overlays on the HEATMAP_FRAMES most and least anomalous frames (by the option's score)."""
     from PIL import Image
 
-    plt = _plt()
     patch = maps[summary["patch_map_options"].index(option)]
     scores = _scores(frames, summary, option)
     order = np.argsort(-scores, kind="stable")
@@ -126,23 +145,15 @@ def plot_heatmaps(frames, summary: dict, maps, option: str, out: Path) -> list[t
             continue
         with Image.open(path) as im:
             rgb = np.asarray(im.convert("RGB"))
-        heat = upsample_maps(np.asarray(patch[int(i)])[None], rgb.shape[:2])[0]
-        fig, ax = plt.subplots(figsize=(4.0, 4.0 * rgb.shape[0] / rgb.shape[1] + 0.4))
-        ax.imshow(rgb)
-        ax.imshow(heat, cmap="jet", alpha=0.45, vmin=lo, vmax=hi)
+        mask = None
         mask_path = row.get("mask_path", "")
         if mask_path and os.path.exists(mask_path):
             with Image.open(mask_path) as m:
-                ax.contour(np.asarray(m.convert("L")) > 127, levels=[0.5], colors="white",
-                           linewidths=0.8)
+                mask = np.asarray(m.convert("L")) > 127
         gt = "anomalous" if row["label"] > 0 else "normal"
-        ax.set_title(f"clip {row['clip']} frame {row['frame_index']} ({gt}), "
-                     f"score {scores[int(i)]:.2f}", fontsize=7)
-        ax.axis("off")
-        fig.tight_layout()
         name = f"heatmap_{kind}_{rank % HEATMAP_FRAMES + 1}.png"
-        fig.savefig(out / name, dpi=100)
-        plt.close(fig)
+        heatmap_overlay(rgb, patch[int(i)], f"clip {row['clip']} frame {row['frame_index']} "
+                        f"({gt}), score {scores[int(i)]:.2f}", out / name, lo, hi, mask)
         images.append((kind, name))
     return images
 

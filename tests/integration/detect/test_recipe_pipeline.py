@@ -40,7 +40,7 @@ def default_embeddings(embedded, scene, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("emb-default")
     run_embedding(scene["items"], [BackboneChoice("tiny-dinov2", image_size=SIZE)], out,
-                  batch_size=16, show_progress=False)
+                  batch_size=16, show_progress=False, zooms=DEFAULT.zoom_views)
     return out / "tiny-dinov2"
 
 
@@ -66,12 +66,14 @@ def test_fit_writes_the_recipe_and_a_label_free_threshold(default_model):
     assert recipe == DEFAULT.replace(target_fpr=0.05)
     assert doc["thresholds"]["source"] == "label-free@fpr=0.05"
     assert doc["train"]["n_frames"] == TRAIN_CLIPS * FRAMES
+    n_views = TRAIN_CLIPS * FRAMES * len(DEFAULT.zoom_views)  # the memory holds their views too
+    assert n_views and doc["train"]["n_views"] == n_views
     assert doc["detector"]["streams"] == [n for n, _ in stream_names(DEFAULT)]
     assert doc["detector"]["streams"][0] == "appearance" and len(DEFAULT.motion_lags) >= 1
     assert doc["detector"]["train_fpr_at_threshold"] <= 0.05
     for stream in doc["detector"]["streams"]:
         memory = np.load(default_model / "detector" / stream / "memory.npy", allow_pickle=False)
-        assert memory.shape == (1 + GRID * GRID, TRAIN_CLIPS * FRAMES, 32)
+        assert memory.shape == (1 + GRID * GRID, TRAIN_CLIPS * FRAMES + n_views, 32)
     # Nothing in the model directory needs pickle to load.
     assert not list(default_model.rglob("*.pkl")) and not list(default_model.rglob("*.joblib"))
 
@@ -167,6 +169,62 @@ def test_a_stream_sent_frame_by_frame_scores_as_vitad_score(served_default, defa
     assert not result["stateful"] and "appearance" in result["note"]
     assert result["evidence"]["appearance"] == pytest.approx(
         float(want["evidence_appearance"].iloc[5]), abs=1e-4)
+
+
+def _clip_items(scene, clip):
+    return sorted((it for it in items_from_manifest(scene["manifest"])
+                   if it["clip"] == clip and it["frame_index"] != 999),
+                  key=lambda it: it["frame_index"])
+
+
+def test_vitad_watch_posts_a_clip_in_order_and_writes_the_timeline(served_default, default_scores,
+                                                                   scene, tmp_path, capsys):
+    """`vitad watch` on a folder of a clip's frames scores them as `vitad score` did, prints an
+    alarm line per anomalous frame and writes the timeline and the report; the same clip
+    rendered as a video is watched whole."""
+    import shutil
+
+    import pandas as pd
+    from PIL import Image
+
+    from vitad_ray.data.synthetic import write_video
+
+    df = default_scores["df"]
+    clip = sorted(df["clip"].unique())[0]
+    items = _clip_items(scene, clip)
+    assert [it["frame_index"] for it in items] == list(range(len(items)))
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for it in items:
+        shutil.copy(it["path"], folder / f"{it['frame_index']:04d}.png")
+    url = str(served_default.base_url)
+    common = ["--endpoint", url, "--token", TOKEN, "--batch", "3"]
+    assert main(["watch", str(folder), "--stream", "watch-cam", "--out",
+                 str(tmp_path / "timeline.csv"), "--report", str(tmp_path / "report"),
+                 *common]) == 0
+    printed = capsys.readouterr().out
+    got = pd.read_csv(tmp_path / "timeline.csv")
+    want = df[df["clip"] == clip].sort_values("frame_index")
+    assert (got["status"] == "ok").all() and got["frame_index"].tolist() == list(range(len(items)))
+    np.testing.assert_allclose(got["frame_score"], want["frame_score"], atol=1e-4)
+    assert got["anomalous"].tolist() == want["anomalous"].tolist()
+    assert printed.count("ALARM") == int(want["anomalous"].sum()) > 0
+    assert (tmp_path / "report" / "index.html").exists()
+    assert len(list((tmp_path / "report").glob("alarm_*.png"))) == min(24, printed.count("ALARM"))
+    # The clip rendered as a video (every frame sampled): watched whole, in order.
+    frames = [np.asarray(Image.open(it["path"]).convert("RGB")) for it in items]
+    write_video(tmp_path / "clip.mp4", frames, fps=10.0)
+    assert main(["watch", str(tmp_path / "clip.mp4"), "--stream", "video-cam", "--fps", "0",
+                 "--out", str(tmp_path / "video.csv"), *common]) == 0
+    printed = capsys.readouterr().out
+    video = pd.read_csv(tmp_path / "video.csv")
+    assert len(video) == len(items) and (video["status"] == "ok").all()
+    assert printed.count("ALARM") == int(video["anomalous"].sum())
+    # Nothing answers: each request is retried, then given up, and the command says so.
+    assert main(["watch", str(folder), "--stream", "gone", "--endpoint",
+                 f"http://127.0.0.1:{free_port()}", "--give-up-s", "1", "--out",
+                 str(tmp_path / "gone.csv")]) == 2
+    assert "no frame was scored" in capsys.readouterr().err
 
 
 def test_stream_state_is_bounded_and_reported(served_default, scene):

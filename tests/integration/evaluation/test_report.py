@@ -51,8 +51,8 @@ def scene(tmp_path, split: str, n_clips: int, base: np.ndarray, rng) -> Embeddin
     return Embeddings(pd.DataFrame(rows), local.mean(axis=1), local, {"dim": DIM})
 
 
-BASE = DEFAULT.replace(name="t", image_size=None, block=None, pool=1, motion_lags=(2,),
-                       temporal_window=1)
+BASE = DEFAULT.replace(name="t", image_size=None, block=None, zoom_views=(), pool=1,
+                       motion_pool=1, motion_lags=(2,), temporal_window=1)
 
 
 @pytest.fixture(scope="module")

@@ -25,20 +25,28 @@ pytestmark = pytest.mark.integration
 def test_embedding_writes_every_frame_once_and_reports_the_broken_one(embedded, scene):
     res = embedded["result"]
     n_train, n_test = TRAIN_CLIPS * FRAMES, TEST_CLIPS * FRAMES
-    assert res.written == n_train + n_test
+    n_views = n_train * len(embedded["zooms"])  # training frames' zoomed views: rows of their own
+    assert n_views and res.written == n_train + n_views + n_test
     assert len(res.errors) == 1 and res.errors[0]["frame_id"] == "test/01/999"
     errors_csv = (embedded["out"] / "errors.csv").read_text()
     assert "broken.jpg" in errors_csv
     for choice in embedded["choices"]:
         folder = embedded["out"] / choice.name
         table = pq.read_table(folder)  # plain pyarrow reads the contract
-        assert table.num_rows == n_train + n_test
+        assert table.num_rows == n_train + n_views + n_test
         assert len(set(table.column("frame_id").to_pylist())) == table.num_rows
+        splits = table.column("split").to_pylist()
+        assert sorted(set(splits)) == ["test", "train", "train@zoom1.5"]
+        assert splits.count("train@zoom1.5") == n_train
         meta = json.loads((folder / "_metadata.json").read_text())
         assert meta["backbone"] == choice.name and meta["num_patches"] == 256
         assert meta["dim"] == 32 and meta["image_size"] == 224 and meta["weights"] == "random"
         emb = load_embeddings(folder, splits=["train"])
         assert emb.local.shape == (n_train, 256, 32)
+        assert len(load_embeddings(folder, with_local=False)) == n_train + n_test  # no views
+        views = load_embeddings(folder, splits=["train@zoom1.5"])
+        assert list(views.ids["frame_id"]) == [f + "@zoom1.5" for f in emb.ids["frame_id"]]
+        assert not np.allclose(views.local, emb.local)
         assert sorted(emb.ids["clip"].unique()) == [f"walk{i:02d}" for i in range(TRAIN_CLIPS)]
         # Every training video is recorded whole (4 of them, FRAMES frames each).
         videos = json.loads((folder / "_videos.json").read_text())
@@ -47,10 +55,10 @@ def test_embedding_writes_every_frame_once_and_reports_the_broken_one(embedded, 
     # (the unreadable frame, never written, would be tried again: it is left out here).
     readable = [it for it in scene["items"] if it["frame_index"] != 999]
     again = run_embedding(readable, embedded["choices"], embedded["out"], batch_size=16,
-                          show_progress=False)
+                          show_progress=False, zooms=embedded["zooms"])
     assert again.written == 0 and again.already_present == n_train + n_test
     assert not again.decode_nodes and not again.errors
-    assert pq.read_table(embedded["out"] / "tiny-dinov2").num_rows == n_train + n_test
+    assert pq.read_table(embedded["out"] / "tiny-dinov2").num_rows == n_train + n_views + n_test
 
 
 def test_fit_writes_257_collections_with_counts_and_metadata(model, embedded):

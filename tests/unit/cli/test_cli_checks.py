@@ -27,6 +27,8 @@ def _vitad(*argv: str, cwd) -> subprocess.CompletedProcess:
     (["embed", "--frames", "empty", "--out", "emb"], "--frames"),
     (["embed", "--frames", ".", "--weights", "./no-weights", "--out", "emb"], "--weights"),
     (["embed", "--frames", ".", "--layers", "40", "--out", "emb"], "--layers"),
+    (["embed", "--frames", ".", "--zoom-views", "0.5", "--out", "emb"], "--zoom-views"),
+    (["embed", "--frames", ".", "--zoom-views", "big", "--out", "emb"], "--zoom-views"),
     (["fit", "not-an-embeddings-dir", "--out", "model"], "embeddings"),
     (["fit", "empty", "--out", "model"], "embeddings"),
     (["serve", "missing-model"], "model"),
@@ -54,6 +56,23 @@ def test_a_fit_recipe_that_the_embeddings_cannot_give_is_refused(tmp_path):
     done = _vitad("fit", str(emb), "--out", "model", cwd=tmp_path)
     assert done.returncode == 2
     assert "--recipe: recipe 'default' needs 224 px features" in done.stderr
+    assert not (tmp_path / "model").exists()
+
+
+def test_a_fit_on_embeddings_without_the_recipes_zoomed_views_is_refused(tmp_path):
+    import numpy as np
+
+    from vitad_ray.data.embeddings import EmbeddingWriter
+
+    emb = tmp_path / "emb"
+    rows = {"frame_id": ["a/0", "b/0"], "clip": ["a", "b"], "frame_index": [0, 0],
+            "timestamp_s": [0.0, 0.0], "split": ["train", "train"], "label": [0, 0]}
+    EmbeddingWriter(emb).write(rows, np.zeros((2, 4), np.float32), np.zeros((2, 1, 4), np.float32))
+    (emb / "_metadata.json").write_text('{"backbone": "dinov2-s14", "image_size": 224, '
+                                        '"depth": 12, "layers": [9]}')
+    done = _vitad("fit", str(emb), "--out", "model", cwd=tmp_path)
+    assert done.returncode == 2
+    assert "zoomed views (train@zoom1.5)" in done.stderr and "--zoom-views 1.5" in done.stderr
     assert not (tmp_path / "model").exists()
 
 

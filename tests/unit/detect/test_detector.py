@@ -37,8 +37,8 @@ def scene(rng, n_clips, frames, split="train", clip_spread=0.3, prefix="c"):
                       np.asarray(loc, np.float32), {})
 
 
-RECIPE = DEFAULT.replace(image_size=None, block=None, top_k=0.1, pool=1, motion_lags=(1, 2),
-                         temporal_window=3)
+RECIPE = DEFAULT.replace(image_size=None, block=None, zoom_views=(), top_k=0.1, pool=1,
+                         motion_pool=1, motion_top_k=0.1, motion_lags=(1, 2), temporal_window=3)
 
 
 @pytest.fixture(scope="module")
@@ -155,6 +155,13 @@ def test_recipes_round_trip_through_model_json_and_yaml(tmp_path):
         doc = json.loads(json.dumps({"recipe": recipe.to_dict()}))
         assert recipe_from_model(doc) == recipe
     assert recipe_from_model({}) == PAPER  # models fitted before recipes existed
+    # Fitted before zoomed views and motion's own pooling: none, and the appearance's.
+    old = {k: v for k, v in DEFAULT.replace(pool=3, top_k=0.16).to_dict().items()
+           if k not in ("zoom_views", "motion_pool", "motion_top_k")}
+    assert recipe_from_model({"recipe": old}) == DEFAULT.replace(
+        pool=3, top_k=0.16, motion_pool=3, motion_top_k=0.16, zoom_views=())
+    with pytest.raises(ValueError, match="zoom views"):
+        Recipe(zoom_views=(0.5,))
     path = tmp_path / "wide.yaml"
     path.write_text("base: default\nmotion_lags: [2, 4]\ntop_k: 0.04\n")
     wide = get_recipe(str(path))
@@ -202,3 +209,50 @@ def test_recipes_are_chosen_on_the_calibration_clips_alone(fitted):
     assert [r[0] for r in again] == [r[0] for r in ranked]
     with pytest.raises(ValueError, match="refit"):
         det.with_recipe(RECIPE.replace(motion_lags=(5,)))
+
+
+def _views(train, clips, patches, vector):
+    """Zoomed views of the training frames of ``clips`` (rows of split ``train@zoom1.5``) that
+    show ``vector`` at ``patches``: what a walker nearer the camera looks like."""
+    keep = train.ids["clip"].isin(clips).to_numpy()
+    ids = train.ids[keep].copy()
+    ids["frame_id"] = ids["frame_id"] + "@zoom1.5"
+    ids["split"] = "train@zoom1.5"
+    local = train.local[keep].copy()
+    local[:, patches] = vector
+    return Embeddings(ids, local.mean(axis=1), local, train.metadata)
+
+
+def test_zoomed_views_join_the_memory_and_leave_with_their_clip():
+    """Views make what they show normal for a new clip; a training frame is still judged
+    without its own clip's views (leave-one-clip-out), so its clip's views change nothing of
+    its own scores."""
+    rng = np.random.default_rng(3)
+    train = scene(rng, 6, 30)
+    near = np.full(DIM, 2.5, np.float32)
+    patches = [13, 14]
+    recipe = RECIPE.replace(zoom_views=(1.5,))
+    with pytest.raises(ValueError, match="zoom_views"):
+        Detector(recipe).fit(train)
+    plain = Detector(RECIPE).fit(train)
+    zoomed = Detector(recipe).fit(train, views=_views(train, ["c0", "c1", "c2"], patches, near))
+    assert zoomed.streams_["appearance"].memory_.shape[1] == 6 * 30 + 3 * 30
+    test = scene(np.random.default_rng(4), 1, 30, "test", prefix="t")
+    walker = _with_object(test, range(10, 20), patches, near)
+    index = test.ids["frame_index"].to_numpy()
+    before = plain.score(walker.global_, walker.local, index, StreamState())
+    after = zoomed.score(walker.global_, walker.local, index, StreamState())
+    # (Its arrival is motion evidence either way: the views never move.)
+    assert (before.evidence["appearance"][10:20] >= plain.threshold_).all()
+    assert (after.evidence["appearance"][10:20] < zoomed.threshold_).all()
+    # Leave-one-clip-out: clips c3..c5 may now find the views of c0..c2 as their nearest; each
+    # clip's own views never count for its frames.
+    clips = plain.train_clips_
+    for name in plain.streams_:
+        a, b = plain.train_scope_scores_[name], zoomed.train_scope_scores_[name]
+        assert (b <= a + 1e-6).all()
+    # Views of the frames' own clip only (each clip's views at its own frames): none count.
+    own = Detector(recipe).fit(train, views=_views(train, ["c0"], patches, near))
+    c0 = clips == "c0"
+    np.testing.assert_allclose(own.train_scope_scores_["appearance"][:, c0],
+                               plain.train_scope_scores_["appearance"][:, c0], rtol=1e-6)
