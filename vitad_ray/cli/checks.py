@@ -244,6 +244,14 @@ def check_fit(args) -> list:
     return [recipe]
 
 
+def check_update(args) -> None:
+    doc = model_dir("model", args.model)
+    embeddings_dir("--embeddings", args.embeddings)
+    recipe = (doc.get("recipe") or {}).get("kind", "paper")
+    if recipe == "paper":
+        raise UsageError("model", "a paper-recipe model is refitted, not updated: `vitad fit`")
+
+
 def check_score(args) -> None:
     model_dir("model", args.model)
     embeddings_dir("embeddings", args.embeddings)

@@ -225,6 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fit(p)
     _add_ray(p)
 
+    p = sub.add_parser("update", help="add normal video of new clips to a fitted model without "
+                                      "refitting it (memory, calibration, label-free threshold)")
+    p.add_argument("model", help="model directory written by `vitad fit` (default recipe)")
+    p.add_argument("--embeddings", required=True,
+                   help="embeddings folder of the new normal clips (split train, as `vitad "
+                        "embed --split train` writes them, with their zoomed views)")
+
     p = sub.add_parser("score", help="score frames against a model")
     p.add_argument("model", help="model directory written by `vitad fit`")
     p.add_argument("embeddings", help="one backbone's embeddings folder")
@@ -374,6 +381,21 @@ def cmd_fit(args) -> dict:
     res = fit_recipe(args.embeddings, args.out, recipe, _fit_config(args, recipe))
     _say(fit_summary(recipe, res))
     return {"fitted": res.fitted, "skipped": res.skipped, "seconds": res.seconds}
+
+
+def cmd_update(args) -> dict:
+    from .checks import check_update
+
+    check_update(args)
+    from ..detect.fit import update_detector_model
+
+    res = update_detector_model(args.model, args.embeddings)
+    kept = (" (the thresholds calibrated or set after the fit are kept; the label-free one is "
+            "in model.json's updates)" if res["thresholds_kept"] else " (label-free)")
+    _say(f"updated {args.model} to version {res['version']}: {res['frames']} frames of clips "
+         f"{', '.join(res['clips'])} in {res['seconds']:.1f}s; threshold "
+         f"{res['threshold']:.4f}{kept}")
+    return res
 
 
 def cmd_score(args) -> dict:
@@ -624,7 +646,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     handler = {"embed": cmd_embed, "fit": cmd_fit, "score": cmd_score, "submit": cmd_submit,
                "serve": cmd_serve, "verify": cmd_verify, "evaluate": cmd_evaluate, "demo": cmd_demo,
-               "report": cmd_report, "watch": cmd_watch}[args.command]
+               "report": cmd_report, "watch": cmd_watch, "update": cmd_update}[args.command]
     try:
         handler(args)
     except (FileNotFoundError, ValueError, RuntimeError, KeyError, ConnectionError) as exc:

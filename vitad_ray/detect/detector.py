@@ -93,15 +93,22 @@ def training_frames(emb, recipe: Recipe, by_clip: bool | None = None):
     return stacked, clips, index, groups
 
 
-def view_frames(views, train_clips: np.ndarray, recipe: Recipe) -> list[tuple]:
+def by_clip(train_clips: np.ndarray, recipe: Recipe) -> bool:
+    """Whether leave-one-clip-out leaves out clips (else segments) for these training clips."""
+    return len(np.unique(np.asarray(train_clips).astype(str))) >= recipe.loo_min_clips
+
+
+def view_frames(views, train_clips: np.ndarray, recipe: Recipe,
+                clip_groups: bool | None = None) -> list[tuple]:
     """``training_frames`` of each zoom factor's views of the training frames (Embeddings
     whose split names the view), grouped for leave-one-clip-out as the frames they are views
-    of: a view is left out with its frame's clip."""
+    of: a view is left out with its frame's clip. ``clip_groups``: as ``loo_groups``'
+    ``by_clip`` (default: decided on ``train_clips``)."""
     if views is None or not len(views):
         return []
-    by_clip = len(np.unique(np.asarray(train_clips).astype(str))) >= recipe.loo_min_clips
+    by_clip_ = by_clip(train_clips, recipe) if clip_groups is None else clip_groups
     split = views.ids["split"].to_numpy()
-    return [training_frames(views.select(split == name), recipe, by_clip)
+    return [training_frames(views.select(split == name), recipe, by_clip_)
             for name in sorted(set(split))]
 
 
@@ -186,10 +193,7 @@ class Detector(BaseEstimator):
     def fit(self, emb, y=None, views=None) -> "Detector":
         """emb: training ``Embeddings`` (frames of normal video, any clip order); views: their
         zoomed views (``vitad embed --zoom-views``), memory only."""
-        if bool(self.recipe.zoom_views) != (views is not None):
-            raise ValueError(f"recipe {self.recipe.name!r} has zoom_views "
-                             f"{list(self.recipe.zoom_views)}: give their views (the training "
-                             "frames' rows of split 'train@zoom<factor>') exactly when it has some")
+        self._check_views(views)
         stacked, clips, index, groups = training_frames(emb, self.recipe)
         extra = self.view_streams(view_frames(views, clips, self.recipe))
         states, loo = {}, {}
@@ -198,6 +202,33 @@ class Detector(BaseEstimator):
             states[name] = est
             loo[name] = est.train_scores(self.recipe.calibration)
         return self.set_fitted(states, loo, clips, index)
+
+    def update(self, emb, views=None) -> "Detector":
+        """Adds normal frames of new clips (``emb``; their zoomed ``views`` when the recipe has
+        some) to every stream's memory and calibration without refitting the rest: it then
+        scores as a fit on all the clips does (``CrossClipNormality.update``)."""
+        self._check_views(views)
+        old = by_clip(self.train_clips_, self.recipe)
+        every = np.concatenate([self.train_clips_, emb.ids["clip"].to_numpy()])
+        if by_clip(every, self.recipe) != old:
+            raise ValueError("with these clips leave-one-clip-out would leave out clips instead "
+                             "of segments: refit on all of them")
+        stacked, clips, index, groups = training_frames(emb, self.recipe, old)
+        extra = self.view_streams(view_frames(views, clips, self.recipe, old))
+        for name, x in self.training_streams(stacked, clips, index):
+            self.streams_[name].update(x, groups, *extra.pop(name, (None, None)))
+        all_clips = np.concatenate([np.asarray(self.train_clips_).astype(str), clips.astype(str)])
+        all_index = np.concatenate([self.train_index_, index])
+        order = np.lexsort((all_index, all_clips))
+        loo = {name: est.reorder(order).train_scores(self.recipe.calibration)
+               for name, est in self.streams_.items()}
+        return self.set_fitted(self.streams_, loo, all_clips[order], all_index[order])
+
+    def _check_views(self, views) -> None:
+        if bool(self.recipe.zoom_views) != (views is not None):
+            raise ValueError(f"recipe {self.recipe.name!r} has zoom_views "
+                             f"{list(self.recipe.zoom_views)}: give their views (the training "
+                             "frames' rows of split 'train@zoom<factor>') exactly when it has some")
 
     def normality(self) -> CrossClipNormality:
         """An unfitted estimator of one stream, as the recipe sets it."""

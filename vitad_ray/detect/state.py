@@ -5,6 +5,10 @@
     detector/<stream>/mu.npy, sigma.npy [S]       z-score calibration
     detector/<stream>/ref_sorted.npy    [S, N]    the ECDF calibration's reference
     detector/<stream>/train_scores.npy  [S, N]    training frames scored leave-one-clip-out
+    detector/<stream>/loo_d.npy         [S, N]    their raw leave-one-clip-out distances, and
+    detector/<stream>/train_rows.npy    [N]       their rows of the memory, and
+    detector/<stream>/memory_groups.npy [K]       the memory rows' clips (or segments): what
+                                                  ``vitad update`` needs to add clips
     detector/train_frames.parquet       the training frames (clip, frame_index, LOO group) and
                                         their frame scores, sorted by clip and time
 
@@ -30,11 +34,13 @@ from .recipe import Recipe
 DETECTOR_DIR = "detector"
 TRAIN_FRAMES = "train_frames.parquet"
 ARRAYS = ("memory", "loc_dens", "mu", "sigma", "ref_sorted", "train_scores")
+UPDATE_ARRAYS = ("loo_d", "train_rows", "memory_groups")  # not in models fitted before them
 DONE = "done.json"
 
 
-def stream_dir(model_dir: str | os.PathLike, stream: str) -> Path:
-    return Path(model_dir) / DETECTOR_DIR / stream
+def stream_dir(model_dir: str | os.PathLike, stream: str, detector_dir: str = DETECTOR_DIR
+               ) -> Path:
+    return Path(model_dir) / detector_dir / stream
 
 
 def save_array(path: Path, value: np.ndarray) -> None:
@@ -42,12 +48,16 @@ def save_array(path: Path, value: np.ndarray) -> None:
         np.save(fh, np.asarray(value), allow_pickle=False)
 
 
-def save_stream(model_dir, stream: str, arrays: dict[str, np.ndarray], signature: str) -> None:
+def save_stream(model_dir, stream: str, arrays: dict[str, np.ndarray], signature: str,
+                detector_dir: str = DETECTOR_DIR) -> None:
     """Every array of a stream, then its marker: a stream with a marker is whole."""
-    folder = stream_dir(model_dir, stream)
+    folder = stream_dir(model_dir, stream, detector_dir)
     folder.mkdir(parents=True, exist_ok=True)
     for name in ARRAYS:
         save_array(folder / f"{name}.npy", arrays[name])
+    for name in UPDATE_ARRAYS:
+        if arrays.get(name) is not None:
+            save_array(folder / f"{name}.npy", arrays[name])
     write_json(folder / DONE, {"signature": signature, "shape": list(arrays["memory"].shape)})
 
 
@@ -56,8 +66,8 @@ def stream_done(model_dir, stream: str, signature: str) -> bool:
     return marker.exists() and json.loads(marker.read_text()).get("signature") == signature
 
 
-def save_train_frames(model_dir, frames: pd.DataFrame) -> None:
-    with atomic_path(Path(model_dir) / DETECTOR_DIR / TRAIN_FRAMES) as tmp:
+def save_train_frames(model_dir, frames: pd.DataFrame, detector_dir: str = DETECTOR_DIR) -> None:
+    with atomic_path(Path(model_dir) / detector_dir / TRAIN_FRAMES) as tmp:
         frames.to_parquet(tmp, index=False)
 
 
@@ -83,9 +93,14 @@ def load_detector(model_dir: str | os.PathLike, recipe: Recipe, device: str | No
         # The training vectors stay memory-mapped: gigabytes at 448 px, read by the search.
         memory = np.load(folder / "memory.npy", allow_pickle=False, mmap_mode="r")[scopes] \
             if mmap else read("memory")
+        extra = {}
+        if not mmap and all((folder / f"{a}.npy").exists() for a in UPDATE_ARRAYS):
+            # A whole detector, to be updated: what adding clips needs.
+            extra = {"loo_d": read("loo_d"), "train_rows": read("train_rows", whole=True),
+                     "memory_clips": read("memory_groups", whole=True)}
         states[name] = CrossClipNormality.from_state(
             memory, read("loc_dens"), read("mu"), read("sigma"), read("ref_sorted"),
-            m=recipe.m, device=device)
+            m=recipe.m, device=device, **extra)
         # Evidence scales need every scope's training scores, whatever the shard holds.
         loo[name] = read("train_scores", whole=True)
     det = Detector(recipe, device)

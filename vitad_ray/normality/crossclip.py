@@ -71,6 +71,21 @@ def loo_clip_neighbors(queries: np.ndarray, query_clips: np.ndarray, memory: np.
     return dist, rows
 
 
+def memory_layout(clips: np.ndarray, extra_clips: np.ndarray | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Where training vectors (clips [N]) and memory-only ones (extra_clips [E]) go in a memory:
+    (order of concat(train, extra) [N + E], the memory rows' clips, each training vector's
+    memory row [N]). Each clip's rows are one run, so leave-one-clip-out masks them instead of
+    copying the rest; a clip's training vectors come first, in their order, then its extras."""
+    clips = np.asarray(clips).astype(str)
+    both = clips if extra_clips is None else np.concatenate(
+        [clips, np.asarray(extra_clips).astype(str)])
+    order = np.argsort(both, kind="stable")
+    row = np.empty_like(order)
+    row[order] = np.arange(len(order))
+    return order, both[order], row[:len(clips)]
+
+
 class CrossClipNormality(BaseEstimator):
     """Per-scope nearest-neighbour normality with leave-one-clip-out density and calibration.
 
@@ -94,12 +109,11 @@ class CrossClipNormality(BaseEstimator):
         self._memory_t = None
         n_scopes, n = train.shape[:2]
         memory, memory_clips = train, clips
+        self.train_rows_ = np.arange(n)
         if extra is not None and np.shape(extra)[1]:
-            memory = np.concatenate([train, np.asarray(extra, np.float32)], axis=1)
-            memory_clips = np.concatenate([clips, np.asarray(extra_clips).astype(clips.dtype)])
-            # Each clip's rows in one run: leave-one-clip-out masks them instead of copying.
-            order = np.argsort(memory_clips, kind="stable")
-            memory, memory_clips = np.ascontiguousarray(memory[:, order]), memory_clips[order]
+            order, memory_clips, self.train_rows_ = memory_layout(clips, extra_clips)
+            memory = np.ascontiguousarray(
+                np.concatenate([train, np.asarray(extra, np.float32)], axis=1)[:, order])
         own_memory = memory is train
         if self.coreset is None:
             self.memory_ = memory
@@ -110,6 +124,7 @@ class CrossClipNormality(BaseEstimator):
                                    proj_dim=self.coreset_dim, seed=self.seed, device=self.device)
             self.memory_ = np.take_along_axis(memory, keep[:, :, None], axis=1)
             memory_clips = memory_clips[keep]  # [S, K]
+            self.train_rows_ = None  # training vectors are not all in the memory
         self.memory_clips_ = memory_clips
         self.loc_dens_ = np.zeros((n_scopes, 0), np.float32)
         dens = None
@@ -124,9 +139,62 @@ class CrossClipNormality(BaseEstimator):
             d, nn = loo_clip_neighbors(train, clips, self.memory_, memory_clips, k=1,
                                        device=self.device)
             self.loo_d_, self.loo_nn_ = d[:, :, 0], nn[:, :, 0]
+        self._calibrate_on_loo()
+        return self
+
+    def _calibrate_on_loo(self) -> None:
         self.mu_ = self.loo_d_.mean(axis=1)
         self.sigma_ = np.maximum(self.loo_d_.std(axis=1), 1e-6)
         self.ref_sorted_ = np.sort(self.loo_d_, axis=1)
+
+    def update(self, train: np.ndarray, clips: np.ndarray, extra: np.ndarray | None = None,
+               extra_clips: np.ndarray | None = None) -> "CrossClipNormality":
+        """Adds the training vectors of new clips (and their memory-only ones), as a fit on
+        every clip would hold them, without searching the old vectors against each other again:
+        an old vector's nearest of another clip can only become a new vector; a new one is
+        searched against the whole memory. The new training vectors come after the old ones
+        (``reorder`` puts them in another order)."""
+        if self.coreset is not None or getattr(self, "train_rows_", None) is None \
+                or getattr(self, "loo_d_", None) is None:
+            raise ValueError("an update needs a fit that kept every vector (no coreset) with "
+                             "its leave-one-clip-out distances; refit instead")
+        if self.local_density:
+            raise ValueError("the ratio calibration's local densities are not updated; refit")
+        train = np.ascontiguousarray(train, np.float32)
+        clips = np.asarray(clips).astype(str)
+        held = np.asarray(self.memory_clips_).astype(str)
+        clash = sorted(set(np.unique(clips)) & set(np.unique(held)))
+        if clash:
+            raise ValueError(f"clips {clash[:5]} are in the memory already: an update adds "
+                             "new clips")
+        added, added_clips = train, clips
+        if extra is not None and np.shape(extra)[1]:
+            added = np.concatenate([train, np.asarray(extra, np.float32)], axis=1)
+            added_clips = np.concatenate([clips, np.asarray(extra_clips).astype(str)])
+        old = np.asarray(self.memory_, np.float32)
+        d_added, _ = knn_stacked(old[:, self.train_rows_], added, k=1, device=self.device)
+        loo_old = np.minimum(self.loo_d_, d_added[:, :, 0])
+        # (old memory, added) laid out as a fit on all of them would lay out its memory.
+        order, memory_clips, _ = memory_layout(held, added_clips)
+        row = np.empty_like(order)
+        row[order] = np.arange(len(order))
+        self.memory_ = np.ascontiguousarray(np.concatenate([old, added], axis=1)[:, order])
+        self.memory_clips_ = memory_clips
+        self._memory_t = None
+        d, _ = loo_clip_neighbors(train, clips, self.memory_, memory_clips, k=1,
+                                  device=self.device)
+        self.loo_d_ = np.concatenate([loo_old, d[:, :, 0]], axis=1)
+        self.loo_nn_ = None  # (only the ratio calibration reads it)
+        self.train_rows_ = np.concatenate([row[self.train_rows_],
+                                           row[old.shape[1]:old.shape[1] + train.shape[1]]])
+        self._calibrate_on_loo()
+        return self
+
+    def reorder(self, order: np.ndarray) -> "CrossClipNormality":
+        """The training vectors in another order (the memory stays as it is)."""
+        self.loo_d_, self.train_rows_ = self.loo_d_[:, order], self.train_rows_[order]
+        if getattr(self, "loo_nn_", None) is not None:
+            self.loo_nn_ = self.loo_nn_[:, order]
         return self
 
     def nearest(self, queries: np.ndarray, scopes: slice = slice(None)
@@ -149,11 +217,16 @@ class CrossClipNormality(BaseEstimator):
     @classmethod
     def from_state(cls, memory: np.ndarray, loc_dens: np.ndarray, mu: np.ndarray,
                    sigma: np.ndarray, ref_sorted: np.ndarray, m: int = 5,
-                   device: str | None = None) -> "CrossClipNormality":
-        """A fitted estimator from stored arrays (``memory_`` may be a memory map)."""
-        est = cls(m=m, device=device)
+                   device: str | None = None, loo_d: np.ndarray | None = None,
+                   train_rows: np.ndarray | None = None,
+                   memory_clips: np.ndarray | None = None) -> "CrossClipNormality":
+        """A fitted estimator from stored arrays (``memory_`` may be a memory map); with the
+        training vectors' distances, memory rows and the memory's clips, it can ``update``."""
+        est = cls(m=m, device=device, local_density=bool(np.shape(loc_dens)[-1]))
         est.memory_, est.loc_dens_, est.mu_ = memory, loc_dens, mu
         est.sigma_, est.ref_sorted_ = sigma, ref_sorted
+        est.loo_d_, est.loo_nn_, est.train_rows_ = loo_d, None, train_rows
+        est.memory_clips_ = memory_clips
         return est
 
     def calibrate(self, d: np.ndarray, nn: np.ndarray, how: str, scopes: slice = slice(None)

@@ -254,19 +254,11 @@ def chunk_tables(table: pa.Table, chunk: int, context: int) -> list[pa.Table]:
     return out
 
 
-def score_embeddings(model_dir: str | os.PathLike, emb_dir: str | os.PathLike,
-                     out_path: str | os.PathLike, index: str = "exact", batch_size: int = 64,
-                     splits: list[str] | None = None, clips: list[str] | None = None,
-                     methods=METHODS, actors: int = 1, show_progress: bool = True) -> dict:
-    """Score every frame of an embeddings folder with a Ray Data actor pool of the model's
-    detector, each clip as a stream in time order; writes Parquet sorted by clip and time."""
-    import ray
+def model_features(doc: dict, meta: dict, emb_dir) -> list[int] | None:
+    """Refuses embeddings of other features than the model's (backbone, weights, size, blocks);
+    the feature columns of the model's blocks in a multi-block embedding (None: all)."""
+    from ..data.embeddings import layer_columns
 
-    from ..data.embeddings import layer_columns, read_metadata
-    from ..detect import recipe_from_model
-
-    doc = read_model_json(model_dir)
-    meta = read_metadata(emb_dir)
     if meta["weights_sha256"] != doc["embeddings"]["weights_sha256"] or \
             meta["backbone"] != doc["backbone"]:
         raise ValueError(f"{emb_dir} was embedded with {meta['backbone']} "
@@ -280,6 +272,23 @@ def score_embeddings(model_dir: str | os.PathLike, emb_dir: str | os.PathLike,
     if columns is None and list(meta.get("layers") or []) != list(doc["embeddings"]["layers"]):
         raise ValueError(f"{emb_dir} holds blocks {meta.get('layers') or 'last'}, the model was "
                          f"fitted on {doc['embeddings']['layers'] or 'the last block'}")
+    return columns
+
+
+def score_embeddings(model_dir: str | os.PathLike, emb_dir: str | os.PathLike,
+                     out_path: str | os.PathLike, index: str = "exact", batch_size: int = 64,
+                     splits: list[str] | None = None, clips: list[str] | None = None,
+                     methods=METHODS, actors: int = 1, show_progress: bool = True) -> dict:
+    """Score every frame of an embeddings folder with a Ray Data actor pool of the model's
+    detector, each clip as a stream in time order; writes Parquet sorted by clip and time."""
+    import ray
+
+    from ..data.embeddings import read_metadata
+    from ..detect import recipe_from_model
+
+    doc = read_model_json(model_dir)
+    meta = read_metadata(emb_dir)
+    columns = model_features(doc, meta, emb_dir)
     recipe = recipe_from_model(doc)
     start = time.perf_counter()
     parts = sorted(str(p) for p in Path(emb_dir).glob("part-*.parquet"))

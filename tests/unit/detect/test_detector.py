@@ -256,3 +256,34 @@ def test_zoomed_views_join_the_memory_and_leave_with_their_clip():
     c0 = clips == "c0"
     np.testing.assert_allclose(own.train_scope_scores_["appearance"][:, c0],
                                plain.train_scope_scores_["appearance"][:, c0], rtol=1e-6)
+
+
+def test_an_update_with_new_clips_scores_as_a_fit_on_all_of_them():
+    """``Detector.update`` adds clips (their frames, motion and views) to a fitted detector; it
+    then holds the memory a fit on every clip holds and scores as that fit does."""
+    rng = np.random.default_rng(5)
+    train = scene(rng, 8, 30)
+    near = np.full(DIM, 2.5, np.float32)
+    views = _views(train, [f"c{i}" for i in range(8)], [13, 14], near)
+    recipe = RECIPE.replace(zoom_views=(1.5,))
+    first = train.ids["clip"].isin(["c0", "c1", "c2", "c5"]).to_numpy()
+    first_views = views.ids["clip"].isin(["c0", "c1", "c2", "c5"]).to_numpy()
+    updated = Detector(recipe).fit(train.select(first), views=views.select(first_views))
+    updated.update(train.select(~first), views=views.select(~first_views))
+    full = Detector(recipe).fit(train, views=views)
+    assert list(updated.train_clips_) == list(full.train_clips_)
+    for name, est in full.streams_.items():
+        np.testing.assert_array_equal(updated.streams_[name].memory_, est.memory_)
+        np.testing.assert_allclose(updated.train_scope_scores_[name],
+                                   full.train_scope_scores_[name], rtol=1e-5, atol=1e-5)
+    assert updated.threshold_ == pytest.approx(full.threshold_, rel=1e-5)
+    test = scene(np.random.default_rng(6), 1, 30, "test", prefix="t")
+    index = test.ids["frame_index"].to_numpy()
+    a = updated.score(test.global_, test.local, index, StreamState())
+    b = full.score(test.global_, test.local, index, StreamState())
+    np.testing.assert_allclose(a.frame_score, b.frame_score, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="already"):  # the same clips again
+        updated.update(train.select(~first), views=views.select(~first_views))
+    ratio = Detector(RECIPE.replace(calibration="ratio")).fit(train.select(first))
+    with pytest.raises(ValueError, match="ratio"):
+        ratio.update(train.select(~first))
