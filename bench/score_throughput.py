@@ -80,7 +80,9 @@ def recipe_throughput(args, frame_ids: list[str], paper_fps: float) -> dict:
     print(f"\nrecipe {doc['recipe']['name']} ({args.recipe_model}): {len(emb)} frames, "
           f"{fps:,.1f} frames/s ({fps / paper_fps:.2f}x the paper's batched exact), streams "
           f"{', '.join(doc['detector']['streams'])}, {1 + emb.local.shape[1]} scopes x "
-          f"{doc['train']['n_frames']} training vectors x {emb.global_.shape[1]} dims; "
+          f"{doc['train']['n_frames'] + doc['train'].get('n_views', 0)} memory vectors "
+          f"({doc['train'].get('n_views', 0)} of them zoomed views) x {emb.global_.shape[1]} "
+          "dims; "
           f"load {load_s:.1f}s; model directory {size / 2**20:.1f} MiB; fit "
           f"{doc.get('fit_seconds', float('nan')):.1f}s")
     return {"recipe": doc["recipe"]["name"], "recipe_frames_per_s": fps,

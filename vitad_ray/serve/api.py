@@ -137,6 +137,11 @@ class StreamRegistry:
             self.evicted += 1
         return state
 
+    def forget(self, key: str) -> None:
+        """Drops a stream's state: its next frame starts it afresh."""
+        if self._states.pop(key, None) is not None:
+            self.evicted += 1
+
     def evict(self) -> list[str]:
         """Forget the streams idle for longer than ``idle_s``."""
         now, gone = self.clock(), []

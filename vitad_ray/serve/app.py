@@ -522,6 +522,11 @@ class Ingress:
             answers = await self._backends(len(frames), self._infer_streams, lambda: (
                 asyncio.gather(*(self._infer_streams(f, state, i)
                                  for f, i in zip(frames, indices)))))
+            if isinstance(answers, JSONResponse) and key:
+                # A 503 / 504 may leave the frames half scored (the batch goes on without
+                # this request): the stream starts afresh, so the client's retry of the same
+                # frames is scored rather than refused as already seen.
+                self.streams.forget(key)
         except ApiError as exc:
             return _error(exc.status, exc.reason)
         finally:

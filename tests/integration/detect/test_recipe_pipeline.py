@@ -258,6 +258,10 @@ def test_stream_registry_forgets_idle_and_least_recent_streams():
     assert reg.evict() == ["a"]  # idle for 12 s > 10 s; c was used at 5 s
     assert len(reg) == 1 and reg.info()["evicted"] == 2
     assert json.dumps(reg.info())
+    reg.forget("c")  # a request that failed midway: the stream starts afresh
+    reg.forget("never-seen")
+    assert "c" not in reg and reg.info()["evicted"] == 3
+    assert reg.get("c", StreamState) is not None and reg.info()["streams"] == 1
 
 
 def test_report_renders_an_evaluation(default_scores, default_model, tmp_path, capsys):
