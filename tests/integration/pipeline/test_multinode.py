@@ -158,7 +158,7 @@ def test_embed_job_loses_its_worker_node_and_loses_or_duplicates_nothing(two_nod
         [str(BIN / "vitad"), "submit", "embed", "--dashboard", two_nodes["dashboard"],
          "--working-dir", str(REPO), "--", "--videos", str(scene["train_videos"]), "--split",
          "train", "--fps", "0", "--backbone", "tiny-dinov2", "--image-size", str(SIZE),
-         "--batch-size", "4", "--out", str(out)],
+         "--zoom-views", "none", "--batch-size", "4", "--out", str(out)],
         env=two_nodes["env"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True)
     emb_dir = out / "tiny-dinov2"
