@@ -245,10 +245,11 @@ def check_fit(args) -> list:
 
 
 def check_update(args) -> None:
+    from ..detect.recipe import recipe_from_model
+
     doc = model_dir("model", args.model)
     embeddings_dir("--embeddings", args.embeddings)
-    recipe = (doc.get("recipe") or {}).get("kind", "paper")
-    if recipe == "paper":
+    if recipe_from_model(doc).kind == "paper":
         raise UsageError("model", "a paper-recipe model is refitted, not updated: `vitad fit`")
 
 

@@ -46,6 +46,10 @@ def view_split(split: str, zoom: float) -> str:
     return f"{split}{VIEW_MARK}{view_name(zoom)}"
 
 
+def view_frame_id(frame: str, zoom: float) -> str:
+    return f"{frame}{VIEW_MARK}{view_name(zoom)}"
+
+
 def zoom_toward_top(image: np.ndarray, factor: float) -> np.ndarray:
     """The frame's top-centre 1/factor of width and height: where a camera looking down on a
     floor sees far away, so the crop, resized back, shows the scene's objects as they would look
@@ -223,8 +227,7 @@ def decode_item(item: dict, sizes: Iterable[int], zooms: Iterable[float] = ()
         out = dict(base, frame_id=fid, frame_index=int(index), timestamp_s=float(t),
                    error=error, source=item["path"])
         if zoom:
-            out.update(frame_id=f"{fid}{VIEW_MARK}{view_name(zoom)}",
-                       split=view_split(item["split"], zoom))
+            out.update(frame_id=view_frame_id(fid, zoom), split=view_split(item["split"], zoom))
             image = zoom_toward_top(image, zoom)
         for size in sizes:
             out[f"pixels_{size}"] = (resize_frame(image, size) if image is not None

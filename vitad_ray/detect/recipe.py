@@ -131,8 +131,8 @@ class Recipe:
 PAPER = Recipe(name="paper", kind="paper", image_size=224, block=1.0, motion_lags=(),
                zoom_views=(), calibration="ratio", pool=1, top_k=0.5, temporal_window=1)
 DEFAULT = Recipe()
-# The calibration clips' pick among every recipe swept at 224 px: appearance alone, so a frame
-# needs no stream state (one stream, half the default's memory and search).
+# The default without motion: a frame needs no stream state (one stream, half the default's
+# memory and search), and a still scene's appearance alone decides.
 APPEARANCE = DEFAULT.replace(name="appearance", motion_lags=(), temporal_window=1)
 RECIPES = {r.name: r for r in (DEFAULT, APPEARANCE, PAPER)}
 

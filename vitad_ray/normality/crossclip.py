@@ -174,10 +174,10 @@ class CrossClipNormality(BaseEstimator):
         old = np.asarray(self.memory_, np.float32)
         d_added, _ = knn_stacked(old[:, self.train_rows_], added, k=1, device=self.device)
         loo_old = np.minimum(self.loo_d_, d_added[:, :, 0])
-        # (old memory, added) laid out as a fit on all of them would lay out its memory.
-        order, memory_clips, _ = memory_layout(held, added_clips)
-        row = np.empty_like(order)
-        row[order] = np.arange(len(order))
+        # (old memory, new training vectors, their extras) laid out as a fit on all of them
+        # would lay out its memory; ``rows``: where the old memory's and the new vectors' go.
+        order, memory_clips, rows = memory_layout(
+            np.concatenate([held, clips]), added_clips[train.shape[1]:])
         self.memory_ = np.ascontiguousarray(np.concatenate([old, added], axis=1)[:, order])
         self.memory_clips_ = memory_clips
         self._memory_t = None
@@ -185,8 +185,7 @@ class CrossClipNormality(BaseEstimator):
                                   device=self.device)
         self.loo_d_ = np.concatenate([loo_old, d[:, :, 0]], axis=1)
         self.loo_nn_ = None  # (only the ratio calibration reads it)
-        self.train_rows_ = np.concatenate([row[self.train_rows_],
-                                           row[old.shape[1]:old.shape[1] + train.shape[1]]])
+        self.train_rows_ = np.concatenate([rows[self.train_rows_], rows[old.shape[1]:]])
         self._calibrate_on_loo()
         return self
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from ..data.embeddings import EmbeddingWriter, write_metadata
-from ..data.frames import (ID_COLUMNS, VIEW_MARK, decode_item, expected_frames, item_zooms,
-                           video_fingerprint, view_name)
+from ..data.frames import (ID_COLUMNS, decode_item, expected_frames, frame_id, item_zooms,
+                           video_fingerprint, view_frame_id, view_name)
 from ..features.backbones import create_backbone, get_spec, weights_fingerprint
 from ..storage.atomic import write_json
 from ..storage.versions import package_versions
@@ -283,8 +283,8 @@ def still_to_embed(items: list[dict], writers: list[EmbeddingWriter], written_id
     todo, present = [], 0
     for it in items:
         if it["kind"] == "image":
-            fid = f"{it['clip']}/{it['frame_index']}"
-            views = [f"{fid}{VIEW_MARK}{view_name(z)}" for z in item_zooms(it, zooms)]
+            fid = frame_id(it["clip"], it["frame_index"])
+            views = [view_frame_id(fid, z) for z in item_zooms(it, zooms)]
             if fid in done:
                 present += 1
                 if all(v in done for v in views):

@@ -167,13 +167,13 @@ def load_training_frames(emb_dir: str | os.PathLike, recipe, splits: tuple[str, 
 def load_training_views(emb_dir: str | os.PathLike, recipe, splits: tuple[str, ...],
                         layers: tuple[int, ...]):
     """The training frames' zoomed views the recipe's memory holds (None: it holds none)."""
-    from ..data.embeddings import select_layers, splits_present
+    from ..data.embeddings import select_layers
     from ..detect.recipe import check_views, view_splits
 
     if not recipe.zoom_views:
         return None
-    check_views(recipe, splits_present(emb_dir), splits)
     views = load_embeddings(emb_dir, splits=view_splits(recipe, splits))
+    check_views(recipe, set(views.ids["split"].unique()), splits)
     return select_layers(views, layers) if layers else views
 
 
