@@ -248,7 +248,10 @@ def check_update(args) -> None:
     from ..detect.recipe import recipe_from_model
 
     doc = model_dir("model", args.model)
-    embeddings_dir("--embeddings", args.embeddings)
+    if args.embeddings:
+        embeddings_dir("--embeddings", args.embeddings)
+    else:
+        ray_flags(args)
     if recipe_from_model(doc).kind == "paper":
         raise UsageError("model", "a paper-recipe model is refitted, not updated: `vitad fit`")
 
@@ -265,19 +268,76 @@ def check_score(args) -> None:
     ray_flags(args)
 
 
+def served_models(paths: list[str]) -> tuple[dict[str, str], dict[str, str]]:
+    """`vitad serve`'s models: each path a model directory, a folder of them, or a YAML file
+    (``models:`` a list of {name, dir} or a {name: dir} map; ``streams:`` a {stream: model}
+    map). Returns ({name: dir}, {stream: model}); a model is named after its folder unless a
+    YAML file names it."""
+    import yaml
+
+    models: dict[str, str] = {}
+    streams: dict[str, str] = {}
+
+    def add(name: str, path: Path, flag: str = "model") -> None:
+        model_dir(flag, str(path))
+        if name in models:
+            raise UsageError(flag, f"two models named {name!r} ({models[name]} and {path}): "
+                                   "name them in a YAML file")
+        models[name] = str(path)
+
+    for given in paths:
+        path = Path(given)
+        if path.is_file() and path.suffix.lower() in (".yaml", ".yml", ".json"):
+            try:
+                doc = yaml.safe_load(path.read_text())
+            except yaml.YAMLError as exc:
+                raise UsageError("model", f"{path}: not YAML ({exc})") from None
+            entries = doc.get("models") if isinstance(doc, dict) else doc
+            if isinstance(entries, dict):
+                entries = [{"name": k, "dir": v} for k, v in entries.items()]
+            if not isinstance(entries, list) or not all(
+                    isinstance(e, dict) and {"name", "dir"} <= set(e) for e in entries):
+                raise UsageError("model", f"{path}: give models as a list of {{name, dir}} or a "
+                                          "{name: dir} map")
+            for e in entries:
+                add(str(e["name"]), (path.parent / str(e["dir"])), f"model ({path})")
+            mapped = doc.get("streams", {}) if isinstance(doc, dict) else {}
+            if not isinstance(mapped, dict):
+                raise UsageError("model", f"{path}: streams is a {{stream: model}} map")
+            streams.update({str(k): str(v) for k, v in mapped.items()})
+        elif (path / "model.json").exists() or not path.is_dir():
+            add(path.resolve().name, path)
+        else:
+            inside = sorted(p for p in path.iterdir() if (p / "model.json").exists())
+            if not inside:
+                raise UsageError("model", f"{path} holds no model directory (no model.json in it "
+                                          "or its folders)")
+            for p in inside:
+                add(p.name, p)
+    for stream, name in streams.items():
+        if name not in models:
+            raise UsageError("model", f"stream {stream!r} maps to {name!r}, which is not served "
+                                      f"({sorted(models)})")
+    return models, streams
+
+
 def check_serve(args):
     """The serve settings (--config merged with the flags), checked."""
     from .main import serve_config
 
-    model_dir("model", args.model)
     if args.config:
         existing_file("--config", args.config, "a YAML or JSON file of serve settings")
+    if not args.model:
+        raise UsageError("model", "give a model directory, a folder of them or a YAML list")
     if not 0 < args.port < 65536:
         raise UsageError("--port", f"a TCP port 1..65535, got {args.port}")
+    models, streams = served_models(args.model)
+    if getattr(args, "model_memory_mb", None) is not None and args.model_memory_mb <= 0:
+        raise UsageError("--model-memory-mb", f"a size > 0, got {args.model_memory_mb}")
     backbones(args)
     ray_flags(args)
     try:
-        return serve_config(args)
+        return serve_config(args, models, streams)
     except Exception as exc:  # noqa: BLE001 - a YAML, type or unknown-key error of the config
         flag = "--config" if args.config else "serve settings"
         raise UsageError(flag, f"{exc.__class__.__name__}: {exc}") from None

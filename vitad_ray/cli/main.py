@@ -228,9 +228,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("update", help="add normal video of new clips to a fitted model without "
                                       "refitting it (memory, calibration, label-free threshold)")
     p.add_argument("model", help="model directory written by `vitad fit` (default recipe)")
-    p.add_argument("--embeddings", required=True,
-                   help="embeddings folder of the new normal clips (split train, as `vitad "
-                        "embed --split train` writes them, with their zoomed views)")
+    new = p.add_mutually_exclusive_group(required=True)
+    new.add_argument("--embeddings",
+                     help="embeddings folder of the new normal clips (split train, as `vitad "
+                          "embed --split train` writes them, with their zoomed views)")
+    new.add_argument("--feedback", action="store_true",
+                     help="the frames queued in MODEL/feedback/queue by the endpoint's POST "
+                          "/v1/streams/{id}/normal: embedded (on Ray) and added")
+    p.add_argument("--weights", help="backbone weights for --feedback (default: the ones "
+                                     "model.json names)")
+    _add_ray(p)
 
     p = sub.add_parser("score", help="score frames against a model")
     p.add_argument("model", help="model directory written by `vitad fit`")
@@ -247,8 +254,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="check that every scope of a model is stored whole")
     p.add_argument("model", help="model directory written by `vitad fit`")
 
-    p = sub.add_parser("serve", help="serve a model over HTTP (Ray Serve): POST /v1/detect")
-    p.add_argument("model", help="model directory written by `vitad fit`")
+    p = sub.add_parser("serve", help="serve scene models over HTTP (Ray Serve): POST /v1/detect")
+    p.add_argument("model", nargs="+",
+                   help="model directory written by `vitad fit`, a folder of them, or a YAML "
+                        "file (models: [{name, dir}], streams: {stream: model}); several serve "
+                        "several scene models, each request naming its model or stream")
+    p.add_argument("--model-memory-mb", type=float, default=serve_default("model_memory_mb"),
+                   help="memory per shard replica for scene models: past it, the least recently "
+                        "used leaves (default: every model stays)")
+    p.add_argument("--models-per-replica", type=int,
+                   default=serve_default("models_per_replica"),
+                   help="scene models a shard replica keeps (instead of --model-memory-mb)")
     p.add_argument("--host", default=serve_default("host"), help="bind address")
     p.add_argument("--port", type=int, default=serve_default("port"), help="HTTP port")
     p.add_argument("--weights", help="backbone weights (default: the ones model.json names; "
@@ -290,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="video file, folder of frames, or stream URL (rtsp://, http://)")
     p.add_argument("--endpoint", default="http://127.0.0.1:8000", help="`vitad serve`'s URL")
     p.add_argument("--stream", required=True, help="the camera's id: its frames keep state")
+    p.add_argument("--model", help="the scene model, where the endpoint serves several "
+                                   "(default: the stream's model in the endpoint's map, or "
+                                   "its only one)")
     p.add_argument("--token", help="bearer token (default: VITAD_SERVE_TOKEN)")
     p.add_argument("--fps", type=float, default=None,
                    help="video sampling rate (default 4.17, as `vitad embed`; 0 = every frame); "
@@ -389,12 +408,52 @@ def cmd_update(args) -> dict:
     check_update(args)
     from ..detect.fit import update_detector_model
 
+    if args.feedback:
+        return _update_from_feedback(args)
     res = update_detector_model(args.model, args.embeddings)
+    _say_updated(args.model, res)
+    return res
+
+
+def _say_updated(model: str, res: dict) -> None:
     kept = (" (the thresholds calibrated or set after the fit are kept; the label-free one is "
             "in model.json's updates)" if res["thresholds_kept"] else " (label-free)")
-    _say(f"updated {args.model} to version {res['version']}: {res['frames']} frames of clips "
+    _say(f"updated {model} to version {res['version']}: {res['frames']} frames of clips "
          f"{', '.join(res['clips'])} in {res['seconds']:.1f}s; threshold "
          f"{res['threshold']:.4f}{kept}")
+
+
+def _update_from_feedback(args) -> dict:
+    """The queued feedback clips, embedded as `vitad embed` would for the model's recipe (its
+    views too), then added; the clips leave the queue once the update is in."""
+    import shutil
+
+    from ..data.frames import items_from_frame_folder
+    from ..detect.fit import update_detector_model
+    from ..detect.recipe import recipe_from_model
+    from ..pipeline.embed import BackboneChoice, run_embedding
+    from ..storage.feedback import FEEDBACK_DIR, mark_applied, queue_dir, queued_clips
+    from ..storage.modeldir import read_model_json
+
+    clips = queued_clips(args.model)
+    if not clips:
+        _say(f"{args.model}: no feedback queued")
+        return {"frames": 0, "clips": []}
+    doc = read_model_json(args.model)
+    emb = doc["embeddings"]
+    items = [it for it in items_from_frame_folder(queue_dir(args.model), "train", label=0)
+             if it["clip"] in clips]
+    _start_ray(args)
+    work = Path(args.model) / FEEDBACK_DIR / ".embeddings"
+    shutil.rmtree(work, ignore_errors=True)
+    choice = BackboneChoice(doc["backbone"], weights=args.weights or emb["weights"],
+                            image_size=int(emb["image_size"]),
+                            layers=tuple(emb.get("layers") or ()))
+    run_embedding(items, [choice], work, zooms=recipe_from_model(doc).zoom_views)
+    res = update_detector_model(args.model, work / doc["backbone"])
+    mark_applied(args.model, clips)
+    shutil.rmtree(work, ignore_errors=True)
+    _say_updated(args.model, res)
     return res
 
 
@@ -446,12 +505,13 @@ def cmd_verify(args) -> dict:
 
 # `vitad serve`'s flags among the serve settings: their defaults are ServeConfig's.
 SERVE_FLAGS = ("host", "port", "weights", "shards", "index", "token", "embed_batch",
-               "shard_batch", "batch_wait_ms", "embed_replicas", "shard_replicas", "thresholds")
+               "shard_batch", "batch_wait_ms", "embed_replicas", "shard_replicas", "thresholds",
+               "model_memory_mb", "models_per_replica")
 
 
-def serve_config(args):
+def serve_config(args, models: dict[str, str], streams: dict[str, str]):
     """ServeConfig from the -c file's serve settings and the flags (which hold the file's
-    values where the command line gave none: ``apply_config``)."""
+    values where the command line gave none: ``apply_config``), serving ``models``."""
     from ..serve.config import ServeConfig
 
     settings = {}
@@ -461,7 +521,8 @@ def serve_config(args):
         settings = {str(k).replace("-", "_"): v
                     for k, v in (yaml.safe_load(Path(args.config).read_text()) or {}).items()}
     settings.update({name: getattr(args, name) for name in SERVE_FLAGS})
-    settings["model_dir"] = args.model
+    settings["models"] = models
+    settings["streams"] = {**settings.get("streams", {}), **streams}
     return ServeConfig.from_args(settings)
 
 
@@ -504,7 +565,8 @@ def _deploy(args, cfg) -> dict:
     if waiting:
         _say(f"still starting after 600 s: {', '.join(waiting)}; /v1/health says when ready")
     direct = direct_urls(cfg)
-    _say(f"serving {cfg.model_dir} at {url}/v1/detect (health: {url}/v1/health, schema: "
+    names = ", ".join(f"{n} ({d})" for n, d in cfg.catalog().items())
+    _say(f"serving {names} at {url}/v1/detect (health: {url}/v1/health, schema: "
          f"{url}/openapi.json)" + ("" if args.detach else "; Ctrl-C stops"))
     if direct:
         _say(f"ingress replicas answering directly: {', '.join(direct)}")
@@ -541,9 +603,10 @@ def cmd_watch(args) -> dict:
     out = args.out or f"watch-{args.stream}.csv"
     token = args.token or os.environ.get("VITAD_SERVE_TOKEN")
     fps = PAPER_FPS if args.fps is None else args.fps
-    watcher = Watcher(args.endpoint, args.stream, token, batch=args.batch, buffer=args.buffer,
-                      give_up_s=args.give_up_s, say=_say)
-    _say(f"[watch] {args.source} -> {args.endpoint} as stream {args.stream!r}")
+    watcher = Watcher(args.endpoint, args.stream, token, model=args.model, batch=args.batch,
+                      buffer=args.buffer, give_up_s=args.give_up_s, say=_say)
+    _say(f"[watch] {args.source} -> {args.endpoint} as stream {args.stream!r}"
+         + (f" of model {args.model!r}" if args.model else ""))
     res = watcher.run(source_frames(args.source, fps))
     write_timeline(out, res.rows)
     scored = sum(r["status"] == "ok" for r in res.rows)

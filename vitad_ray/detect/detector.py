@@ -133,6 +133,7 @@ class StreamState:
     last_used: float = field(default_factory=time.monotonic)
     frames_seen: int = 0
     last_index: int = -1  # frame_index of the stream's latest frame
+    model: str = ""  # the served scene model whose stream it is
 
     @property
     def next_index(self) -> int:

@@ -55,6 +55,7 @@ class DetectOptions:
     patch_threshold: float | None = None
     stream: str | None = None               # camera id: frames of one stream keep state
     frame_index: int | None = None          # of the first image (default: the stream's next)
+    model: str | None = None                # the scene model (default: the stream's, or the one)
 
     def thresholds(self, defaults: dict) -> dict:
         """{"global": t, "patch": t} for this request's method, overrides applied."""
@@ -88,6 +89,12 @@ def parse_options(fields: dict) -> DetectOptions:
     for key in ("threshold", "global_threshold", "patch_threshold"):
         if fields.get(key) is not None:
             setattr(opts, key, _threshold(key, fields[key]))
+    model = fields.get("model")
+    if model is not None:
+        model = str(model)
+        if not 1 <= len(model) <= MAX_STREAM_ID or not model.isprintable():
+            raise ApiError(422, f"model must be 1 to {MAX_STREAM_ID} printable characters")
+        opts.model = model
     stream = fields.get("stream")
     if stream is not None:
         stream = str(stream)
@@ -136,6 +143,10 @@ class StreamRegistry:
             self._states.popitem(last=False)
             self.evicted += 1
         return state
+
+    def peek(self, key: str):
+        """The stream's state if it is remembered (not marked used)."""
+        return self._states.get(key)
 
     def forget(self, key: str) -> None:
         """Drops a stream's state: its next frame starts it afresh."""

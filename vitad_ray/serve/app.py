@@ -35,6 +35,7 @@ from .. import __version__
 from ..detect import StreamState
 from ..normality import METHODS
 from ..search import INDEXES
+from ..storage.feedback import enqueue, queued_frames
 from ..storage.modeldir import read_model_json
 from ..storage.store import GLOBAL, scope_names, shard_of
 from .api import (JSON_TYPES, MULTIPART, SCOPES, ApiError, DetectOptions, ImageInput, Limits,
@@ -47,6 +48,8 @@ APP_NAME = "vitad"
 # How often a waiting request looks whether a backend replica died (one controller call per
 # period per ingress replica, however many requests wait).
 BACKEND_WATCH_S = 0.25
+# How often the ingress looks whether a served model's model.json changed (`vitad update`).
+MODEL_CHECK_S = 1.0
 
 
 def model_id(doc: dict) -> str:
@@ -82,6 +85,12 @@ def shard_scopes(num_patches: int, n_shards: int) -> list[list[str]]:
     for i, scope in enumerate(scopes):
         groups[shard_of(i, len(scopes), n_shards)].append(scope)
     return groups
+
+
+def shard_bounds(num_patches: int, n_shards: int) -> list[tuple[int, int]]:
+    """Each shard's [lo, hi) of the scopes (contiguous: ``shard_scopes``' groups)."""
+    bounds = np.cumsum([0] + [len(g) for g in shard_scopes(num_patches, n_shards)])
+    return [(int(bounds[i]), int(bounds[i + 1])) for i in range(n_shards)]
 
 
 # --- deployments ---------------------------------------------------------------------------------
@@ -127,69 +136,140 @@ class Embedder:
         return out
 
 
+def model_key(name: str, doc: dict) -> str:
+    """A served model's key: its name and identity, so that a model updated or refitted in its
+    directory is a new key, loaded afresh, while the old one ages out of the replicas."""
+    return f"{name}@{model_id(doc)}"
+
+
+def _replica_name() -> str:
+    import ray
+
+    try:
+        replica = serve.get_replica_context().replica_id.unique_id
+    except Exception:  # noqa: BLE001 - outside a replica (a unit test)
+        replica = "local"
+    return f"{replica}@{ray.get_runtime_context().get_node_id()[:8]}"
+
+
+class _MultiplexedShard:
+    """A shard deployment's scene models: each loaded on its first request into this
+    replica's least-recently-used cache (Serve's model multiplexing, which also routes a model's
+    requests to the replicas holding it). Every answer says what the replica holds, so the
+    ingress can report it without asking each replica."""
+
+    def _init_models(self, catalog: dict[str, str], shard: int, n_shards: int,
+                     max_models: int) -> None:
+        self.catalog, self.shard, self.n_shards = catalog, shard, n_shards
+        self.resident: dict[str, int] = {}  # key -> bytes, while loaded
+        self.replica = _replica_name()
+
+        async def load(key: str):
+            name = key.split("@", 1)[0]
+            if name not in self.catalog:
+                raise KeyError(f"no model named {name!r} is served")
+            start = time.perf_counter()
+            model = await asyncio.to_thread(self._load_model, self.catalog[name])
+            model.key, model.load_s = key, time.perf_counter() - start
+            model.unloaded = self.resident.pop
+            self.resident[key] = model.nbytes
+            return model
+
+        self.model = serve.multiplexed(max_num_models_per_replica=max_models)(load)
+
+    def _residency(self) -> dict:
+        return {"replica": self.replica, "models": dict(self.resident)}
+
+
+class _ShardModel:
+    """One scene model's part held by a shard replica."""
+
+    key: str = ""
+    unloaded = None
+
+    def __del__(self):  # Serve's multiplexing calls it when the model leaves the replica
+        if self.unloaded is not None:
+            self.unloaded(self.key, None)
+
+
 @serve.deployment
-class ScopeShard:
-    """A contiguous range of scopes: their training vectors, loc_dens and HDBSCAN states.
+class ScopeShard(_MultiplexedShard):
+    """A contiguous range of scopes of paper-recipe models: their training vectors, loc_dens and
+    HDBSCAN states. Scores a whole batch of frames with one neighbour search per scope group."""
 
-    Scores a whole batch of frames with one neighbour search per scope group."""
-
-    def __init__(self, model_dir: str, scopes: list[str], index: str, threads: int,
-                 max_batch: int, batch_wait_s: float, projected: bool = True):
+    def __init__(self, catalog: dict[str, str], shard: int, n_shards: int, index: str,
+                 threads: int, max_batch: int, batch_wait_s: float, projected: bool = True,
+                 max_models: int = 1):
         import torch
 
-        from ..pipeline.score import ModelScorer
-
         torch.set_num_threads(max(1, threads))
-        self.scorer = ModelScorer(model_dir, index=index, scopes=scopes, projected=projected)
-        self.has_global = scopes[0] == GLOBAL
-        all_scopes = scope_names(self.scorer.num_patches)
-        patches = [all_scopes.index(s) - 1 for s in scopes if s != GLOBAL]
-        # Patch positions in the frame's [P, D] array, and the scorer's slices per request scope.
-        self.patch_range = (patches[0], patches[-1] + 1) if patches else None
-        self.slices = {"global": slice(0, 1) if self.has_global else None,
-                       "local": slice(int(self.has_global), len(scopes)) if patches else None,
-                       "both": slice(0, len(scopes))}
+        self.index, self.projected = index, projected
+        self._init_models(catalog, shard, n_shards, max_models)
         self.score.set_max_batch_size(max_batch)
         self.score.set_batch_wait_timeout_s(batch_wait_s)
 
-    def _queries(self, global_: np.ndarray, local: np.ndarray, scope: str) -> np.ndarray:
-        """[S', B, D] for the scopes of ``self.slices[scope]``."""
+    def _load_model(self, model_dir: str) -> _ShardModel:
+        from ..pipeline.score import ModelScorer
+
+        doc = read_model_json(model_dir)
+        num_patches = int(doc["embeddings"]["num_patches"])
+        scopes = shard_scopes(num_patches, self.n_shards)[self.shard]
+        m = _ShardModel()
+        m.scorer = ModelScorer(model_dir, index=self.index, scopes=scopes,
+                               projected=self.projected)
+        m.has_global = scopes[0] == GLOBAL
+        all_scopes = scope_names(num_patches)
+        patches = [all_scopes.index(s) - 1 for s in scopes if s != GLOBAL]
+        # Patch positions in the frame's [P, D] array, and the scorer's slices per request scope.
+        m.patch_range = (patches[0], patches[-1] + 1) if patches else None
+        m.slices = {"global": slice(0, 1) if m.has_global else None,
+                    "local": slice(int(m.has_global), len(scopes)) if patches else None,
+                    "both": slice(0, len(scopes))}
+        m.nbytes = int(m.scorer.train_.numel() * 4 + m.scorer.loc_dens_.nbytes)
+        return m
+
+    @staticmethod
+    def _queries(m: _ShardModel, global_: np.ndarray, local: np.ndarray, scope: str
+                 ) -> np.ndarray:
+        """[S', B, D] for the scopes of ``m.slices[scope]``."""
         parts = []
-        if scope in ("global", "both") and self.has_global:
+        if scope in ("global", "both") and m.has_global:
             parts.append(global_[None])
-        if scope in ("local", "both") and self.patch_range:
-            lo, hi = self.patch_range
+        if scope in ("local", "both") and m.patch_range:
+            lo, hi = m.patch_range
             parts.append(local[:, lo:hi].transpose(1, 0, 2))
         return np.concatenate(parts) if len(parts) > 1 else np.ascontiguousarray(parts[0])
 
-    def _score_frames(self, global_: np.ndarray, local: np.ndarray, methods: list[str],
-                      scopes: list[str]) -> list[dict | None]:
+    def _score_frames(self, m: _ShardModel, global_: np.ndarray, local: np.ndarray,
+                      methods: list[str], scopes: list[str]) -> list[dict | None]:
         """One result per frame (None where this shard holds none of the frame's scopes)."""
         out: list[dict | None] = [None] * len(global_)
         groups: dict[tuple[str, str], list[int]] = {}
         for i, key in enumerate(zip(methods, scopes)):
-            if self.slices[key[1]] is not None:
+            if m.slices[key[1]] is not None:
                 groups.setdefault(key, []).append(i)
         for (method, scope), members in groups.items():
-            queries = self._queries(global_[members], local[members], scope)
-            conf = self.scorer.score_queries(queries, (method,), self.slices[scope])[method]
-            first_patch = 1 if self.has_global and scope != "local" else 0
+            queries = self._queries(m, global_[members], local[members], scope)
+            conf = m.scorer.score_queries(queries, (method,), m.slices[scope])[method]
+            first_patch = 1 if m.has_global and scope != "local" else 0
             for j, i in enumerate(members):
                 out[i] = {"global": float(conf[0, j]) if first_patch else None,
                           "local": conf[first_patch:, j] if scope != "global" and
-                          self.patch_range else None,
-                          "patch_range": self.patch_range}
+                          m.patch_range else None,
+                          "patch_range": m.patch_range}
         return out
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01, batch_size_fn=frames_in)
     async def score(self, embeddings: list[dict], methods: list[list[str]],
-                    scopes: list[list[str]]) -> list[list[dict | None]]:
-        """Each call: a stack of frame embeddings and each frame's method and scope."""
+                    scopes: list[list[str]]) -> list[dict]:
+        """Each call: a stack of frame embeddings and each frame's method and scope, of the
+        model the call names (Serve splits batches by model)."""
+        m = await self.model(serve.get_multiplexed_model_id())
         start = time.perf_counter()
         global_ = np.concatenate([e["global"] for e in embeddings])
         local = np.concatenate([e["local"] for e in embeddings])
-        flat = await asyncio.to_thread(self._score_frames, global_, local,
-                                       [m for ms in methods for m in ms],
+        flat = await asyncio.to_thread(self._score_frames, m, global_, local,
+                                       [m_ for ms in methods for m_ in ms],
                                        [s for ss in scopes for s in ss])
         ms = 1000 * (time.perf_counter() - start)
         out, lo = [], 0
@@ -198,42 +278,51 @@ class ScopeShard:
             for r in flat[lo:hi]:
                 if r is not None:
                     r.update(batch=len(global_), ms=ms, embed_ms=e["ms"], embed_batch=e["batch"])
-            out.append(flat[lo:hi])
+            out.append({"frames": flat[lo:hi], "resident": self._residency()})
             lo = hi
         return out
 
 
 @serve.deployment
-class DetectorShard:
-    """A contiguous range of scopes of a cross-clip Detector: each stream's memory of them.
+class DetectorShard(_MultiplexedShard):
+    """A contiguous range of scopes of cross-clip Detectors: each stream's memory of them.
 
     Scores a batch of query vectors per stream with one nearest-neighbour search per stream;
     the ingress, which holds the streams' state, fuses the scopes of every shard."""
 
-    def __init__(self, model_dir: str, lo: int, hi: int, threads: int, max_batch: int,
-                 batch_wait_s: float):
+    def __init__(self, catalog: dict[str, str], shard: int, n_shards: int, threads: int,
+                 max_batch: int, batch_wait_s: float, max_models: int = 1):
         import torch
 
-        from ..detect.model import load_model
-
         torch.set_num_threads(max(1, threads))
-        self.lo, self.hi = lo, hi
-        self.detector = load_model(model_dir, scopes=slice(lo, hi))
+        self._init_models(catalog, shard, n_shards, max_models)
         self.score.set_max_batch_size(max_batch)
         self.score.set_batch_wait_timeout_s(batch_wait_s)
 
-    def _score(self, calls: list[dict]) -> list[dict]:
+    def _load_model(self, model_dir: str) -> _ShardModel:
+        from ..detect.model import load_model
+
+        doc = read_model_json(model_dir)
+        lo, hi = shard_bounds(int(doc["embeddings"]["num_patches"]), self.n_shards)[self.shard]
+        m = _ShardModel()
+        m.lo, m.hi = lo, hi
+        m.detector = load_model(model_dir, scopes=slice(lo, hi), doc=doc)
+        m.nbytes = int(sum(est.memory_.nbytes for est in m.detector.streams_.values()))
+        return m
+
+    @staticmethod
+    def _score(m: _ShardModel, calls: list[dict]) -> list[dict]:
         from ..pipeline.fit import stack_scopes
 
         out = [{} for _ in calls]
-        for name in self.detector.streams_:
+        for name in m.detector.streams_:
             members = [i for i, c in enumerate(calls) if name in c]
             if not members:
                 continue
             g = np.concatenate([calls[i][name][0] for i in members])
             loc = np.concatenate([calls[i][name][1] for i in members])
-            queries = stack_scopes(g, loc)[self.lo:self.hi]
-            scores = self.detector.scope_scores(name, queries)  # [S', B]
+            queries = stack_scopes(g, loc)[m.lo:m.hi]
+            scores = m.detector.scope_scores(name, queries)  # [S', B]
             at = 0
             for i in members:
                 n = len(calls[i][name][0])
@@ -244,8 +333,12 @@ class DetectorShard:
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01, batch_size_fn=lambda calls: sum(
         len(next(iter(c.values()))[0]) for c in calls))
     async def score(self, calls: list[dict]) -> list[dict]:
-        """Each call: {stream: (global [B, D], local [B, P, D])}; returns {stream: [S', B]}."""
-        return await asyncio.to_thread(self._score, calls)
+        """Each call: {stream: (global [B, D], local [B, P, D])} of the model the call names;
+        returns {"scores": {stream: [S', B]}, "resident": what this replica holds}."""
+        m = await self.model(serve.get_multiplexed_model_id())
+        scores = await asyncio.to_thread(self._score, m, calls)
+        resident = self._residency()
+        return [{"scores": s, "resident": resident} for s in scores]
 
 
 api = FastAPI(title="vitad_ray anomaly detection", version=__version__, openapi_url=None,
@@ -264,6 +357,9 @@ _OPTIONS_SCHEMA = {
     "stream": {"type": "string", "maxLength": 128,
                "description": "camera id: frames of one stream, sent in order, are scored with "
                               "their past (motion, smoothing); without it, appearance alone"},
+    "model": {"type": "string", "maxLength": 128,
+              "description": "the scene model, where the endpoint serves several (GET /v1/models;"
+                             " default: the stream's model, or the only one)"},
     "frame_index": {"type": "integer", "minimum": 0,
                     "description": "the first image's frame number in its stream (default: the "
                                    "stream's next)"},
@@ -286,8 +382,10 @@ DETECT_BODY = {
     "responses": {
         "400": {"description": "malformed request (empty body, bad JSON, bad multipart)"},
         "401": {"description": "missing or wrong bearer token"},
+        "404": {"description": "no model of that name is served"},
         "408": {"description": "the request body stopped arriving before its end"},
-        "409": {"description": "a stream's frame older than the stream's last"},
+        "409": {"description": "a stream's frame older than the stream's last, or a stream "
+                               "sent to another model than its own"},
         "413": {"description": "too many images, or an image or body over the size limit"},
         "415": {"description": "unsupported content type"},
         "422": {"description": "an image that cannot be decoded, or a bad option"},
@@ -337,36 +435,113 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return _error(500, f"internal error ({exc.__class__.__name__}); the server log has the rest")
 
 
+class ServedModel:
+    """What the ingress holds of one scene model: its card (``info``) and, for cross-clip
+    recipes, the Detector's evidence scales and decision (the shards hold the memories). It
+    looks at its model.json at most every ``MODEL_CHECK_S``: an updated or refitted model is
+    reloaded, under a new key, without a restart."""
+
+    def __init__(self, name: str, model_dir: str, settings: dict):
+        self.name, self.dir, self.settings = name, model_dir, settings
+        self.checked_at, self.signature = 0.0, None
+        self.lock = asyncio.Lock()
+        self.load()
+
+    def _stat(self) -> tuple:
+        st = os.stat(Path(self.dir) / "model.json")
+        return st.st_mtime_ns, st.st_size
+
+    def load(self) -> None:
+        signature = self._stat()
+        doc = read_model_json(self.dir)
+        info = model_info(self.name, self.dir, doc, self.settings)
+        detector = None
+        if info["recipe"]["kind"] != "paper":
+            from ..detect.model import apply_thresholds, load_model
+
+            detector = apply_thresholds(load_model(self.dir, scopes=slice(0, 0), doc=doc),
+                                        info["thresholds"])
+        self.info, self.detector, self.signature = info, detector, signature
+        self.key, self.crossclip = info["key"], detector is not None
+        self.embedder = embedder_key(doc, self.settings["weights"].get(self.name))
+        self.has_global = [s["first"] == GLOBAL for s in info["shards"]]
+        self.has_patches = [s["n_patches"] > 0 for s in info["shards"]]
+
+    async def fresh(self) -> "ServedModel":
+        """Itself, reloaded first when its model.json changed since it last looked."""
+        now = time.monotonic()
+        if now - self.checked_at < MODEL_CHECK_S:
+            return self
+        async with self.lock:
+            if now - self.checked_at >= MODEL_CHECK_S:
+                self.checked_at = time.monotonic()
+                if await asyncio.to_thread(self._stat) != self.signature:
+                    await asyncio.to_thread(self.load)
+        return self
+
+
 @serve.deployment
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, embedder, shards: list, info: dict, settings: dict):
+    def __init__(self, embedders: dict, detector_shards: list, scope_shards: list,
+                 settings: dict):
         by_reference = not settings["by_value"]
-        self.embedder = embedder.options(_by_reference=by_reference)
-        self.shards = [shard.options(_by_reference=by_reference) for shard in shards]
-        self.info, self.thresholds = info, info["thresholds"]
-        self.grid, self.image_size = info["grid"], info["image_size"]
+        self.embedders = {k: e.options(_by_reference=by_reference) for k, e in embedders.items()}
+        self.shards = {"detector": [s.options(_by_reference=by_reference)
+                                    for s in detector_shards],
+                       "scope": [s.options(_by_reference=by_reference) for s in scope_shards]}
+        self._handles: dict[tuple, object] = {}
+        self.settings = settings
+        self.models = {name: ServedModel(name, d, settings)
+                       for name, d in settings["catalog"].items()}
+        self.stream_models = dict(settings["streams"])
         self.token = settings["token"]
         self.limits = Limits(**settings["limits"])
         self.timeout_s = settings["request_timeout_s"]
         self.body_timeout_s = settings["body_timeout_s"]
-        self.has_global = [s["first"] == GLOBAL for s in info["shards"]]
-        self.has_patches = [s["n_patches"] > 0 for s in info["shards"]]
         self._infer.set_max_batch_size(settings["batch"])
         self._down, self._down_checked_at = [], 0.0
         self._infer_streams.set_max_batch_size(settings["batch"])
         self.batch_wait_s, self.in_flight = settings["batch_wait_s"], 0
         self._schema: dict | None = None
-        self.crossclip = info["recipe"]["kind"] != "paper"
-        if self.crossclip:
-            from ..detect.model import load_model
+        self.streams = StreamRegistry(settings["max_streams"], settings["stream_idle_s"])
+        self._locks: dict[str, asyncio.Lock] = {}
+        self.residency: dict[str, tuple[float, dict]] = {}  # shard replica -> (when, held)
 
-            # Evidence scales and thresholds only: the shards hold the memories.
-            self.detector = load_model(info["model_dir"], scopes=slice(0, 0))
-            if "frame" in info["thresholds"]:
-                self.detector.threshold_ = float(info["thresholds"]["frame"])
-            self.streams = StreamRegistry(settings["max_streams"], settings["stream_idle_s"])
-            self._locks: dict[str, asyncio.Lock] = {}
+    def _shard(self, kind: str, i: int, key: str):
+        """Shard ``i``'s handle for one model: Serve routes it to a replica holding the model."""
+        handle = self._handles.get((kind, i, key))
+        if handle is None:
+            handle = self._handles[(kind, i, key)] = self.shards[kind][i].options(
+                multiplexed_model_id=key)
+        return handle
+
+    def _held(self, kind: str, i: int, resident: dict) -> None:
+        self.residency[f"{kind}{i}/{resident['replica']}"] = (time.time(), resident["models"])
+
+    async def _model_for(self, opts: DetectOptions) -> ServedModel:
+        """The model a request is for: named, its stream's, or the only one served."""
+        name = opts.model
+        if name is None and opts.stream is not None:
+            state = self.streams.peek(opts.stream)
+            name = self.stream_models.get(opts.stream) or (state.model if state else None)
+        if name is None:
+            if len(self.models) != 1:
+                raise ApiError(422, f"name a model (model=...): this endpoint serves "
+                                    f"{sorted(self.models)}")
+            name = next(iter(self.models))
+        model = self.models.get(name)
+        if model is None:
+            raise ApiError(404, f"no model named {name!r} here; GET /v1/models lists them")
+        mapped = self.stream_models.get(opts.stream) if opts.stream else None
+        if mapped is not None and mapped != name:
+            raise ApiError(409, f"stream {opts.stream!r} belongs to model {mapped!r}, not "
+                                f"{name!r}")
+        try:
+            return await model.fresh()
+        except Exception as exc:  # noqa: BLE001 - a model directory mid-rewrite, or removed
+            raise ApiError(503, f"model {name!r} could not be reloaded ({exc.__class__.__name__}:"
+                                f" {str(exc)[:200]}); retry") from None
 
     def _authorized(self, request: Request) -> bool:
         if not self.token:
@@ -379,20 +554,56 @@ class Ingress:
 
     @api.get("/v1/health", summary="Readiness; never needs a token: 200 ready, 503 starting")
     async def health(self):
-        body = {"status": "ready", "model_id": self.info["model_id"]}
+        body = {"status": "ready", "models": len(self.models)}
+        if len(self.models) == 1:
+            body["model_id"] = next(iter(self.models.values())).info["model_id"]
         waiting = await self._backends_down()
         if waiting:  # the ingress answers before every backend replica can score
             return JSONResponse({**body, "status": "starting", "waiting_for": waiting},
                                 status_code=503)
         return body
 
-    @api.get("/v1/model", summary="The served model: backbone, weights, scopes, thresholds")
+    @api.get("/v1/model", summary="A served model: backbone, weights, scopes, thresholds, "
+                                  "version (?model=NAME where several are served)")
     async def model(self, request: Request):
         if not self._authorized(request):
             return _error(401, "missing or wrong bearer token")
-        if self.crossclip:
-            return {**self.info, "stream_state": self.streams.info()}
-        return self.info
+        try:
+            model = await self._model_for(DetectOptions(model=request.query_params.get("model")))
+        except ApiError as exc:
+            return _error(exc.status, exc.reason)
+        out = dict(model.info)
+        if model.crossclip:
+            out["stream_state"] = self.streams.info()
+        return out
+
+    @api.get("/v1/models", summary="Every served model, its version, and the shard replicas "
+                                   "that hold it")
+    async def models_(self, request: Request):
+        if not self._authorized(request):
+            return _error(401, "missing or wrong bearer token")
+        now = time.time()
+        models = []
+        for model in self.models.values():
+            try:
+                await model.fresh()
+            except Exception:  # noqa: BLE001 - listed as last loaded
+                pass
+            held = {replica: models_[model.key] for replica, (_, models_)
+                    in self.residency.items() if model.key in models_}
+            info = model.info
+            models.append({
+                "name": model.name, "model_dir": model.dir, "key": model.key,
+                "model_id": info["model_id"], "version": info["version"],
+                "recipe": info["recipe"]["name"], "backbone": info["backbone"],
+                "streams": sorted(s for s, m in self.stream_models.items() if m == model.name),
+                "loaded_on": sorted(held), "loaded_bytes": int(sum(held.values()))})
+        replicas = {replica: {"reported_s_ago": round(now - when, 1),
+                              "models": sorted(held), "bytes": int(sum(held.values()))}
+                    for replica, (when, held) in sorted(self.residency.items())}
+        return {"models": models, "replicas": replicas,
+                "models_per_replica": self.settings["models_per_replica"],
+                "model_memory_mb": self.settings["model_memory_mb"]}
 
     @api.get("/openapi.json", include_in_schema=False)
     async def openapi(self, request: Request):
@@ -420,35 +631,76 @@ class Ingress:
         try:
             images, opts = await self._parse(request)
             receive_ms = 1000 * (time.perf_counter() - start)
-            if self.crossclip:
-                self._check_stream_options(opts)
+            model = await self._model_for(opts)
+            if model.crossclip:
+                self._check_stream_options(model, opts)
             elif opts.stream is not None:
                 raise ApiError(422, "this model's recipe (paper) keeps no stream state; leave "
                                     "out stream")
-            if opts.method == "hdbscan" and not self.info["hdbscan"]:
+            if opts.method == "hdbscan" and not model.info["hdbscan"]:
                 raise ApiError(422, "this model was fitted without HDBSCAN; use method=kmeans")
-            thresholds = None if self.crossclip else opts.thresholds(self.thresholds)
+            thresholds = None if model.crossclip else opts.thresholds(model.info["thresholds"])
             t0 = time.perf_counter()
             # Off the event loop: health checks and other requests go on while it decodes.
-            frames = await asyncio.to_thread(decode_images, images, self.image_size, self.limits)
+            frames = await asyncio.to_thread(decode_images, images, model.info["image_size"],
+                                             self.limits)
             decode_ms = 1000 * (time.perf_counter() - t0)
         except ApiError as exc:
             return _error(exc.status, exc.reason)
-        if self.crossclip:
-            return await self._detect_streams(images, frames, opts, start, receive_ms, decode_ms)
+        if model.crossclip:
+            return await self._detect_streams(model, images, frames, opts, start, receive_ms,
+                                              decode_ms)
         answers = await self._backends(
             len(frames), self._infer,
-            lambda: asyncio.gather(*(self._infer(f, opts.method, opts.scope) for f in frames)))
+            lambda: asyncio.gather(*(self._infer(f, opts.method, opts.scope, model)
+                                     for f in frames)))
         if isinstance(answers, JSONResponse):
             return answers
         results = []
         for i, (img, (global_conf, patch_conf, timing)) in enumerate(zip(images, answers)):
-            answer = frame_answer(i, img.name, opts, thresholds, self.grid, global_conf, patch_conf)
+            answer = frame_answer(i, img.name, opts, thresholds, model.info["grid"], global_conf,
+                                  patch_conf)
             answer["timings_ms"] = {"receive": round(receive_ms, 3),
                                     "decode": round(decode_ms / len(images), 3), **timing}
             results.append(answer)
-        return {"model_id": self.info["model_id"], "results": results,
+        return {"model": model.name, "model_id": model.info["model_id"],
+                "version": model.info["version"], "results": results,
                 "timings_ms": {"total": round(1000 * (time.perf_counter() - start), 3)}}
+
+    @api.post("/v1/streams/{stream}/normal", status_code=202,
+              summary="Mark frames of a stream normal (\"this alarm was normal\"): queued in "
+                      "the model directory for `vitad update MODEL --feedback`",
+              openapi_extra={"requestBody": DETECT_BODY["requestBody"], "responses": {
+                  "202": {"description": "queued"},
+                  "413": DETECT_BODY["responses"]["413"],
+                  "422": DETECT_BODY["responses"]["422"],
+                  "429": {"description": "the model's feedback queue is full"}}})
+    async def normal(self, stream: str, request: Request):
+        if not self._authorized(request):
+            return _error(401, "missing or wrong bearer token")
+        try:
+            images, opts = await self._parse(request, {"stream": stream})
+            model = await self._model_for(opts)
+            if not model.crossclip:
+                raise ApiError(422, f"model {model.name!r} (paper recipe) is refitted, not "
+                                    "updated: it takes no feedback")
+            # Decoded only to refuse what an update could not read; the images as sent are kept.
+            await asyncio.to_thread(decode_images, images, model.info["image_size"], self.limits)
+            queued = await asyncio.to_thread(queued_frames, model.dir)
+            room = self.settings["feedback_max_frames"] - queued
+            if len(images) > room:
+                raise ApiError(429, f"model {model.name!r}'s feedback queue holds {queued} "
+                                    f"frames, its limit {self.settings['feedback_max_frames']}:"
+                                    f" apply it with `vitad update {model.dir} --feedback`")
+            clip = await asyncio.to_thread(enqueue, model.dir, stream, opts.frame_index,
+                                           [img.data for img in images])
+        except ApiError as exc:
+            return _error(exc.status, exc.reason)
+        except ValueError as exc:
+            return _error(422, str(exc))
+        return JSONResponse({"queued": len(images), "clip": clip, "model": model.name,
+                             "queue_frames": queued + len(images),
+                             "apply": f"vitad update {model.dir} --feedback"}, status_code=202)
 
     async def _backends(self, n_frames: int, batched, call):
         """Awaits ``call()``: the answers, or the error response for a timeout (504) or a failed
@@ -491,8 +743,9 @@ class Ingress:
             self._down = await asyncio.to_thread(_deployments_not_running)
         return self._down
 
-    def _check_stream_options(self, opts: DetectOptions) -> None:
-        recipe = self.info["recipe"]["name"]
+    @staticmethod
+    def _check_stream_options(model: ServedModel, opts: DetectOptions) -> None:
+        recipe = model.info["recipe"]["name"]
         if opts.method != "kmeans" or opts.scope != "both":
             raise ApiError(422, f"this model's recipe ({recipe}) scores whole frames: leave out "
                                 "method and scope")
@@ -500,18 +753,21 @@ class Ingress:
             raise ApiError(422, f"this model's recipe ({recipe}) has one frame threshold: use "
                                 "threshold")
 
-    async def _detect_streams(self, images, frames, opts: DetectOptions, start: float,
-                              receive_ms: float, decode_ms: float):
-        """Frames of one request scored by the Detector, with their stream's past when the
-        request names a stream. A stream's requests are scored one after the other, in the
+    async def _detect_streams(self, model: ServedModel, images, frames, opts: DetectOptions,
+                              start: float, receive_ms: float, decode_ms: float):
+        """Frames of one request scored by the model's Detector, with their stream's past when
+        the request names a stream. A stream's requests are scored one after the other, in the
         order they arrive."""
         key = opts.stream
         lock = self._locks.setdefault(key, asyncio.Lock()) if key else None
         if lock is not None:
             await lock.acquire()
         try:
-            state = self.streams.get(key, StreamState) if key else None
+            state = self.streams.get(key, lambda: StreamState(model=model.name)) if key else None
             if state is not None:
+                if state.model != model.name:
+                    raise ApiError(409, f"stream {key!r} is scored by model {state.model!r}; "
+                                        f"a stream keeps its model while it is remembered")
                 first = opts.frame_index if opts.frame_index is not None else state.next_index
                 if state.frames_seen and first <= state.last_index:
                     raise ApiError(409, f"frame_index {first} is not after stream {key!r}'s "
@@ -520,7 +776,7 @@ class Ingress:
             else:
                 indices = [None] * len(frames)
             answers = await self._backends(len(frames), self._infer_streams, lambda: (
-                asyncio.gather(*(self._infer_streams(f, state, i)
+                asyncio.gather(*(self._infer_streams(f, state, i, model)
                                  for f, i in zip(frames, indices)))))
             if isinstance(answers, JSONResponse) and key:
                 # A 503 / 504 may leave the frames half scored (the batch goes on without
@@ -540,21 +796,37 @@ class Ingress:
             return answers
         results = []
         for i, (img, (det, row, timing), index) in enumerate(zip(images, answers, indices)):
-            answer = detection_answer(i, img.name, opts, det, row, self.grid, index)
+            answer = detection_answer(i, img.name, opts, det, row, model.info["grid"], index)
             answer["timings_ms"] = {"receive": round(receive_ms, 3),
                                     "decode": round(decode_ms / len(images), 3), **timing}
             results.append(answer)
-        return {"model_id": self.info["model_id"], "recipe": self.info["recipe"]["name"],
+        return {"model": model.name, "model_id": model.info["model_id"],
+                "version": model.info["version"], "recipe": model.info["recipe"]["name"],
                 "results": results,
                 "timings_ms": {"total": round(1000 * (time.perf_counter() - start), 3)}}
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def _infer_streams(self, frames: list[np.ndarray], states: list, indices: list
-                             ) -> list[tuple]:
-        """Frames of concurrent requests through the embedder, the shards' searches and the
-        Detector's decision, each stream's frames in order against its state."""
-        det = self.detector
-        emb = await self.embedder.embed.remote(np.stack(frames))
+    async def _infer_streams(self, frames: list[np.ndarray], states: list, indices: list,
+                             models: list[ServedModel]) -> list[tuple]:
+        """Frames of concurrent requests, each model's through its embedder, its shards'
+        searches and its Detector's decision, each stream's frames in order against its
+        state."""
+        out: list = [None] * len(frames)
+        by_model: dict[str, list[int]] = {}
+        for i, m in enumerate(models):
+            by_model.setdefault(m.key, []).append(i)
+        parts = await asyncio.gather(*(self._score_streams(
+            models[rows[0]], [frames[i] for i in rows], [states[i] for i in rows],
+            [indices[i] for i in rows]) for rows in by_model.values()))
+        for rows, answers in zip(by_model.values(), parts):
+            for i, answer in zip(rows, answers):
+                out[i] = answer
+        return out
+
+    async def _score_streams(self, model: ServedModel, frames: list[np.ndarray], states: list,
+                             indices: list) -> list[tuple]:
+        det = model.detector
+        emb = await self.embedders[model.embedder].embed.remote(np.stack(frames))
         g, loc = emb["global"], emb["local"]
         groups: dict[int, list[int]] = {}
         for i, st in enumerate(states):
@@ -574,9 +846,12 @@ class Ingress:
         merged = {name: (np.concatenate([p[0] for p in parts]),
                          np.concatenate([p[1] for p in parts])) for name, parts in call.items()}
         t0 = time.perf_counter()
-        answers = await asyncio.gather(*(shard.score.remote(merged) for shard in self.shards))
+        answers = await asyncio.gather(*(self._shard("detector", i, model.key).score.remote(merged)
+                                         for i in range(len(self.shards["detector"]))))
         search_ms = 1000 * (time.perf_counter() - t0)
-        scores = {name: np.concatenate([a[name] for a in answers]) for name in merged}
+        for i, a in enumerate(answers):
+            self._held("DetectorShard", i, a["resident"])
+        scores = {name: np.concatenate([a["scores"][name] for a in answers]) for name in merged}
         out: list = [None] * len(frames)
         for rows, state, index, spans in layout:
             mine = {name: scores[name][:, lo:lo + n] for name, (lo, n) in spans.items()}
@@ -588,10 +863,11 @@ class Ingress:
                                          "score_batch": len(frames)})
         return out
 
-    async def _parse(self, request: Request) -> tuple[list[ImageInput], DetectOptions]:
+    async def _parse(self, request: Request, path_fields: dict | None = None
+                     ) -> tuple[list[ImageInput], DetectOptions]:
         check_content_length(request.headers.get("content-length"), self.limits)
         kind = media_type(request.headers.get("content-type"))
-        fields = dict(request.query_params)
+        fields = {**request.query_params, **(path_fields or {})}
         body = await self._read_body(request)
         if kind in JSON_TYPES:
             images, body_fields = images_from_json(body, self.limits)
@@ -619,6 +895,7 @@ class Ingress:
         else:
             raise ApiError(415, f"unsupported content type {kind!r}: send multipart/form-data, "
                                 "application/json or image/*")
+        fields.update(path_fields or {})  # the path's, over a body's
         return images, parse_options(fields)
 
     async def _read_body(self, request: Request) -> bytes:
@@ -643,26 +920,47 @@ class Ingress:
         request._body = body  # Starlette's form parser reads a body already received from here
         return body
 
-    def _needs(self, shard: int, scope: str) -> bool:
-        return (scope != "local" and self.has_global[shard]) or \
-            (scope != "global" and self.has_patches[shard])
+    @staticmethod
+    def _needs(model: ServedModel, shard: int, scope: str) -> bool:
+        return (scope != "local" and model.has_global[shard]) or \
+            (scope != "global" and model.has_patches[shard])
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def _infer(self, frames: list[np.ndarray], methods: list[str], scopes: list[str]
-                     ) -> list[tuple]:
+    async def _infer(self, frames: list[np.ndarray], methods: list[str], scopes: list[str],
+                     models: list[ServedModel]) -> list[tuple]:
         """Frames of concurrent requests, gathered here so that the backends get one call per
-        batch (a call per frame costs a routing round trip each on a busy machine)."""
-        embedding = self.embedder.embed.remote(np.stack(frames))
-        wanted = [i for i in range(len(self.shards)) if any(self._needs(i, s) for s in scopes)]
-        parts = await asyncio.gather(*(self.shards[i].score.remote(embedding, methods, scopes)
-                                       for i in wanted))
+        batch and model (a call per frame costs a routing round trip each on a busy
+        machine)."""
+        out: list = [None] * len(frames)
+        by_model: dict[str, list[int]] = {}
+        for i, m in enumerate(models):
+            by_model.setdefault(m.key, []).append(i)
+        parts = await asyncio.gather(*(self._score_scopes(
+            models[rows[0]], [frames[i] for i in rows], [methods[i] for i in rows],
+            [scopes[i] for i in rows]) for rows in by_model.values()))
+        for rows, answers in zip(by_model.values(), parts):
+            for i, answer in zip(rows, answers):
+                out[i] = answer
+        return out
+
+    async def _score_scopes(self, model: ServedModel, frames: list[np.ndarray],
+                            methods: list[str], scopes: list[str]) -> list[tuple]:
+        embedding = self.embedders[model.embedder].embed.remote(np.stack(frames))
+        wanted = [i for i in range(len(self.shards["scope"]))
+                  if any(self._needs(model, i, s) for s in scopes)]
+        answers = await asyncio.gather(*(self._shard("scope", i, model.key).score.remote(
+            embedding, methods, scopes) for i in wanted))
+        for i, a in zip(wanted, answers):
+            self._held("ScopeShard", i, a["resident"])
+        parts = [a["frames"] for a in answers]
+        grid = model.info["grid"]
         out = []
         for j, scope in enumerate(scopes):
             got = [p[j] for p in parts if p[j] is not None]
             global_conf = next((g["global"] for g in got if g["global"] is not None), None)
             patch_conf = None
             if scope != "global":
-                patch_conf = np.empty(self.grid * self.grid, np.float32)
+                patch_conf = np.empty(grid * grid, np.float32)
                 for g in got:
                     lo, hi = g["patch_range"]
                     patch_conf[lo:hi] = g["local"]
@@ -698,30 +996,64 @@ def model_layers(doc: dict) -> tuple[int, ...]:
     return tuple(emb.get("selected_layers") or emb.get("layers") or ())
 
 
-def model_info(cfg: ServeConfig, doc: dict, groups: list[list[str]]) -> dict:
+def embedder_key(doc: dict, weights: str | None) -> str:
+    """Models embedded alike (backbone, weights, size, blocks) share one Embedder deployment."""
+    emb = doc["embeddings"]
+    return json.dumps([doc["backbone"], weights or emb["weights"], emb["weights_sha256"],
+                       int(emb["image_size"]), list(model_layers(doc))])
+
+
+def model_info(name: str, model_dir: str, doc: dict, settings: dict) -> dict:
+    """A served model's card (``/v1/model``)."""
     from ..detect import recipe_from_model
 
     emb = doc["embeddings"]
     params = doc.get("params", {})
+    groups = shard_scopes(int(emb["num_patches"]), settings["n_shards"])
     return {
+        "name": name, "key": model_key(name, doc), "version": int(doc.get("version", 1)),
         "recipe": recipe_from_model(doc).to_dict(),
         "model_id": model_id(doc),
-        "model_dir": cfg.model_dir,
+        "model_dir": model_dir,
         "backbone": doc["backbone"],
         "weights": emb["weights"], "weights_sha256": emb["weights_sha256"],
         "image_size": emb["image_size"], "patch_size": emb["patch_size"], "grid": emb["grid"],
         "num_patches": emb["num_patches"], "dim": emb["dim"],
         "scopes": 1 + emb["num_patches"], "train_frames": doc["train"]["n_frames"],
+        "updates": doc.get("updates", []),
         "hdbscan": bool(params.get("hdbscan")),
         "methods": ["kmeans"] + (["hdbscan"] if params.get("hdbscan") else []),
-        "thresholds": effective_thresholds(doc, cfg.thresholds),
-        "index": cfg.index,
+        "thresholds": effective_thresholds(doc, settings["thresholds"]),
+        "index": settings["index"],
         "shards": [{"index": i, "first": g[0], "last": g[-1], "n_scopes": len(g),
                     "n_patches": sum(s != GLOBAL for s in g)} for i, g in enumerate(groups)],
-        "batching": {"embed_batch": cfg.embed_batch, "shard_batch": cfg.shard_batch,
-                     "batch_wait_ms": cfg.batch_wait_ms},
-        "limits": dataclasses.asdict(cfg.limits),
+        "batching": settings["batching"],
+        "limits": settings["limits"],
     }
+
+
+def model_bytes(model_dir: str) -> int:
+    """What a model directory's scoring state weighs: its stored vectors and arrays."""
+    root = Path(model_dir)
+    return int(sum(f.stat().st_size for f in root.rglob("*") if f.is_file()))
+
+
+def models_per_replica(cfg: ServeConfig, catalog: dict[str, str], n_shards: int) -> int:
+    """How many scene models a shard replica keeps: ``models_per_replica``, or as many of the
+    largest model's shares as ``model_memory_mb`` holds (at least one), or all of them."""
+    if cfg.models_per_replica is not None:
+        if cfg.models_per_replica < 1:
+            raise ValueError(f"models_per_replica must be >= 1, got {cfg.models_per_replica}")
+        return int(cfg.models_per_replica)
+    if cfg.model_memory_mb is None:
+        return len(catalog)
+    share = max(model_bytes(d) for d in catalog.values()) / n_shards
+    fits = int(cfg.model_memory_mb * 2**20 // max(share, 1))
+    if fits < 1:
+        raise ValueError(f"model_memory_mb {cfg.model_memory_mb:g} holds no model: one model's "
+                         f"share of a shard replica is {share / 2**20:.0f} MiB (add shards, or "
+                         f"raise the bound)")
+    return min(fits, len(catalog))
 
 
 def _replica_options(cfg: ServeConfig, num_cpus: float, num_gpus: float = 0) -> dict:
@@ -741,50 +1073,60 @@ def _cluster_has_gpu() -> bool:
 
 
 def build_app(cfg: ServeConfig):
-    """The Serve application graph for one model directory."""
-    cfg = dataclasses.replace(cfg, model_dir=str(Path(cfg.model_dir).resolve()))
-    doc = read_model_json(cfg.model_dir)
+    """The Serve application graph for one or many model directories."""
+    catalog = {name: str(Path(d).resolve()) for name, d in cfg.catalog().items()}
     if cfg.index not in INDEXES:
         raise ValueError(f"index must be exact or chroma, got {cfg.index!r}")
-    weights = _check_weights(doc, cfg.weights)
-    n_shards = cfg.shards or max(1, len(doc["shards"]))
-    num_patches = int(doc["embeddings"]["num_patches"])
-    if not 1 <= n_shards <= 1 + num_patches:
-        raise ValueError(f"shards must be between 1 and {1 + num_patches}, got {n_shards}")
-    groups = shard_scopes(num_patches, n_shards)
-    info = model_info(cfg, doc, groups)
+    docs = {name: read_model_json(d) for name, d in catalog.items()}
+    weights = {name: _check_weights(doc, cfg.weights) for name, doc in docs.items()}
+    fewest_scopes = min(1 + int(doc["embeddings"]["num_patches"]) for doc in docs.values())
+    n_shards = cfg.shards or max(1, max(len(doc["shards"]) for doc in docs.values()))
+    if not 1 <= n_shards <= fewest_scopes:
+        raise ValueError(f"shards must be between 1 and {fewest_scopes}, got {n_shards}")
+    per_replica = models_per_replica(cfg, catalog, n_shards)
     token = cfg.token if cfg.token is not None else os.environ.get(TOKEN_ENV) or None
     wait_s, backend_wait_s = cfg.batch_wait_ms / 1000, cfg.backend_wait_ms / 1000
+    settings = {"token": token, "limits": dataclasses.asdict(cfg.limits),
+                "request_timeout_s": cfg.request_timeout_s, "body_timeout_s": cfg.body_timeout_s,
+                "batch": cfg.embed_batch, "batch_wait_s": wait_s, "by_value": cfg.by_value,
+                "max_streams": cfg.max_streams, "stream_idle_s": cfg.stream_idle_s,
+                "catalog": catalog, "streams": dict(cfg.streams), "weights": weights,
+                "n_shards": n_shards, "thresholds": cfg.thresholds, "index": cfg.index,
+                "models_per_replica": per_replica, "model_memory_mb": cfg.model_memory_mb,
+                "feedback_max_frames": cfg.feedback_max_frames,
+                "batching": {"embed_batch": cfg.embed_batch, "shard_batch": cfg.shard_batch,
+                             "batch_wait_ms": cfg.batch_wait_ms}}
+    infos = {name: model_info(name, catalog[name], doc, settings) for name, doc in docs.items()}
     gpu = cfg.use_gpu if cfg.use_gpu is not None else _cluster_has_gpu()
-    embedder = Embedder.options(
-        num_replicas=cfg.embed_replicas, max_ongoing_requests=4 * cfg.embed_batch,
-        health_check_period_s=cfg.health_check_s,
-        ray_actor_options=_replica_options(cfg, cfg.embed_cpus, 1 if gpu else 0),
-    ).bind(doc["backbone"], weights, int(doc["embeddings"]["image_size"]), cfg.embed_threads,
-           cfg.embed_batch, backend_wait_s, model_layers(doc),
-           cfg.embed_trace)
+    embedders = {}
+    for name, doc in docs.items():
+        key = embedder_key(doc, weights[name])
+        if key not in embedders:
+            embedders[key] = Embedder.options(
+                name="Embedder" if not embedders else f"Embedder{len(embedders)}",
+                num_replicas=cfg.embed_replicas, max_ongoing_requests=4 * cfg.embed_batch,
+                health_check_period_s=cfg.health_check_s,
+                ray_actor_options=_replica_options(cfg, cfg.embed_cpus, 1 if gpu else 0),
+            ).bind(doc["backbone"], weights[name], int(doc["embeddings"]["image_size"]),
+                   cfg.embed_threads, cfg.embed_batch, backend_wait_s, model_layers(doc),
+                   cfg.embed_trace)
     shard_options = dict(num_replicas=cfg.shard_replicas, max_ongoing_requests=4 * cfg.shard_batch,
                          health_check_period_s=cfg.health_check_s,
                          ray_actor_options=_replica_options(cfg, cfg.shard_cpus))
     shard_batch = max(cfg.shard_batch, cfg.embed_batch)
-    if info["recipe"]["kind"] == "paper":
-        shards = [ScopeShard.options(name=f"ScopeShard{i}", **shard_options).bind(
-            cfg.model_dir, group, cfg.index, cfg.shard_threads, shard_batch, backend_wait_s,
-            cfg.projected_search) for i, group in enumerate(groups)]
-    else:
-        bounds = np.cumsum([0] + [len(g) for g in groups])
-        shards = [DetectorShard.options(name=f"DetectorShard{i}", **shard_options).bind(
-            cfg.model_dir, int(bounds[i]), int(bounds[i + 1]), cfg.shard_threads, shard_batch,
-            backend_wait_s) for i in range(len(groups))]
-    settings = {"token": token, "limits": dataclasses.asdict(cfg.limits),
-                "request_timeout_s": cfg.request_timeout_s, "body_timeout_s": cfg.body_timeout_s,
-                "batch": cfg.embed_batch,
-                "batch_wait_s": wait_s, "by_value": cfg.by_value,
-                "max_streams": cfg.max_streams, "stream_idle_s": cfg.stream_idle_s}
+    paper = {n: catalog[n] for n, info in infos.items() if info["recipe"]["kind"] == "paper"}
+    crossclip = {n: d for n, d in catalog.items() if n not in paper}
+    scope_shards = [ScopeShard.options(name=f"ScopeShard{i}", **shard_options).bind(
+        paper, i, n_shards, cfg.index, cfg.shard_threads, shard_batch, backend_wait_s,
+        cfg.projected_search, min(per_replica, len(paper))) for i in range(n_shards)] \
+        if paper else []
+    detector_shards = [DetectorShard.options(name=f"DetectorShard{i}", **shard_options).bind(
+        crossclip, i, n_shards, cfg.shard_threads, shard_batch, backend_wait_s,
+        min(per_replica, len(crossclip))) for i in range(n_shards)] if crossclip else []
     return Ingress.options(
         num_replicas=cfg.ingress_replicas, max_ongoing_requests=256,
         ray_actor_options=_replica_options(cfg, cfg.ingress_cpus),
-    ).bind(embedder, shards, info, settings)
+    ).bind(embedders, detector_shards, scope_shards, settings)
 
 
 def app_builder(args: dict):

@@ -3,9 +3,12 @@ the app, `vitad serve`'s flags and config files read (no Ray or web imports)."""
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 
 from .api import Limits
+
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 @dataclass
@@ -13,7 +16,20 @@ class ServeConfig:
     """Everything a deployment of the endpoint can be told. Strings are accepted for every field
     (``serve run ... key=value`` passes strings)."""
 
-    model_dir: str
+    model_dir: str | None = None      # one model; or several in ``models``
+    # Several scene models behind one endpoint: {name: model directory}. A request names its
+    # model (``model``), or its stream does through ``streams``; with one model it is implied.
+    models: dict = field(default_factory=dict)
+    streams: dict = field(default_factory=dict)  # {stream: model name}
+    # Each shard replica keeps the scene models it was last asked for and drops the least
+    # recently used past this memory (its share of the model directories), or past
+    # ``models_per_replica``; by default every model fits. Requests for a model go to the
+    # replicas that hold it (Serve's model multiplexing).
+    model_memory_mb: float | None = None
+    models_per_replica: int | None = None
+    # Frames ``POST /v1/streams/{id}/normal`` may queue in a model directory before
+    # `vitad update MODEL --feedback` applies them (429 past it).
+    feedback_max_frames: int = 10_000
     weights: str | None = None        # default: the weights model.json names
     shards: int | None = None         # ScopeShard deployments; default: the model's store shards
     index: str = "exact"              # exact (in-memory matmul) | chroma (HNSW queries)
@@ -96,6 +112,25 @@ class ServeConfig:
                     value = json.loads(value)
             values[name] = value
         return cls(**values)
+
+    def catalog(self) -> dict[str, str]:
+        """{model name: directory} of the models served: ``models``, or ``model_dir`` alone
+        (named after its folder)."""
+        from pathlib import PurePath
+
+        if self.model_dir and self.models:
+            raise ValueError("give model_dir or models, not both")
+        if self.model_dir:
+            return {PurePath(self.model_dir).name or "model": self.model_dir}
+        if not self.models:
+            raise ValueError("no model: give model_dir or models")
+        for name in self.models:
+            if not MODEL_NAME.fullmatch(str(name)):
+                raise ValueError(f"model name {name!r}: 1 to 64 letters, digits, '.', '_', '-'")
+        unknown = {s: m for s, m in self.streams.items() if m not in self.models}
+        if unknown:
+            raise ValueError(f"streams map to models not served: {unknown}")
+        return {str(k): str(v) for k, v in self.models.items()}
 
     @property
     def limits(self) -> Limits:

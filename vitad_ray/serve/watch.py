@@ -28,6 +28,9 @@ from ..data.frames import IMAGE_SUFFIXES, PAPER_FPS, image_rgb8, sample_video
 TIMELINE_COLUMNS = ("frame_index", "timestamp_s", "frame_score", "threshold", "anomalous",
                     "fired", "status", "latency_ms")
 RETRY_STATUSES = (502, 503, 504)
+# A wrong token, an unknown model, a stream bound to another model, a paper model (no
+# streams): the watch stops rather than send the rest to the same answer.
+FATAL_STATUSES = (401, 404, 422)
 
 
 def source_frames(source: str, fps: float | None) -> Iterator[tuple[int, float, np.ndarray]]:
@@ -68,13 +71,13 @@ class Watcher:
     """Posts a source's frames to ``endpoint``'s /v1/detect as stream ``stream``."""
 
     def __init__(self, endpoint: str, stream: str, token: str | None = None,
-                 batch: int = 4, buffer: int = 32,
+                 model: str | None = None, batch: int = 4, buffer: int = 32,
                  give_up_s: float = 300.0, timeout_s: float = 60.0,
                  say: Callable[[str], None] = print, keep_alarm_frames: int = 24):
         import httpx
 
         self.url = endpoint.rstrip("/") + "/v1/detect"
-        self.stream = stream
+        self.stream, self.model = stream, model
         self.batch, self.buffer, self.give_up_s = max(1, batch), max(1, buffer), give_up_s
         self.say, self.keep_alarm_frames = say, keep_alarm_frames
         headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -123,6 +126,8 @@ class Watcher:
 
         files = [("images", (f"{n}.png", encode_png(rgb), "image/png")) for n, _, rgb in frames]
         data = {"stream": self.stream, "frame_index": str(frames[0][0])}
+        if self.model:
+            data["model"] = self.model
         waited, delay = 0.0, 0.5
         while True:
             t0 = time.perf_counter()
@@ -148,6 +153,8 @@ class Watcher:
                 delay = min(10.0, 2 * delay)
                 continue
             reason = _reason(resp)
+            if status in FATAL_STATUSES:  # every later request would be refused alike
+                raise RuntimeError(f"the endpoint refused the stream ({status}): {reason}")
             status_text = "already scored (409)" if status == 409 else f"{status}: {reason}"
             self.say(f"[watch] frames {frames[0][0]}..{frames[-1][0]} not scored: {status_text}")
             self._record(frames, result, status_text, latency)

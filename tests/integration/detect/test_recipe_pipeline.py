@@ -121,13 +121,27 @@ def test_evaluate_reads_what_score_wrote(default_scores, default_model):
     assert result["thresholds"]["label_free"]["source"] == "label-free@fpr=0.05"
 
 
+# Sixteen scene models behind the endpoint: the default model, the session's paper model and 14
+# more names for the default model's directory (each loaded on its own), under a memory bound
+# that holds two models' shares per shard replica.
+MODELS, PER_REPLICA = 16, 2
+
+
 @pytest.fixture(scope="module")
-def served_default(default_model, default_scores, ray_local):
+def served_default(default_model, default_scores, model, scored, ray_local, tmp_path_factory):
     from ray import serve
 
-    from vitad_ray.serve.app import ServeConfig, start
+    from vitad_ray.serve.app import ServeConfig, model_bytes, start
 
-    cfg = ServeConfig(model_dir=str(default_model), shards=2, port=free_port(), token=TOKEN,
+    models = {"default": str(default_model), "paper": str(model["dir"])}
+    aliases = tmp_path_factory.mktemp("aliases")
+    for i in range(len(models), MODELS):
+        (aliases / f"cam{i:02d}").symlink_to(default_model, target_is_directory=True)
+        models[f"cam{i:02d}"] = str(aliases / f"cam{i:02d}")
+    share_mb = max(model_bytes(d) for d in models.values()) / 2 / 2**20
+    cfg = ServeConfig(models=models, streams={"mapped-cam": "cam09"},
+                      model_memory_mb=(PER_REPLICA + 0.5) * share_mb, shards=2,
+                      port=free_port(), token=TOKEN, shard_cpus=0.25,
                       embed_batch=8, shard_batch=16, batch_wait_ms=20, embed_threads=1,
                       max_images=4, request_timeout_s=30, max_streams=2, stream_idle_s=600)
     url = start(cfg)
@@ -136,9 +150,10 @@ def served_default(default_model, default_scores, ray_local):
     serve.shutdown()
 
 
-def _post(client, frames, **fields):
+def _post(client, frames, model="default", **fields):
     files = [("images", (name, data, "image/png")) for name, data in frames]
-    return client.post("/v1/detect", files=files, data=fields, headers=AUTH)
+    data = {**fields, **({"model": model} if model else {})}
+    return client.post("/v1/detect", files=files, data=data, headers=AUTH)
 
 
 def test_a_stream_sent_frame_by_frame_scores_as_vitad_score(served_default, default_scores,
@@ -198,7 +213,7 @@ def test_vitad_watch_posts_a_clip_in_order_and_writes_the_timeline(served_defaul
     for it in items:
         shutil.copy(it["path"], folder / f"{it['frame_index']:04d}.png")
     url = str(served_default.base_url)
-    common = ["--endpoint", url, "--token", TOKEN, "--batch", "3"]
+    common = ["--endpoint", url, "--token", TOKEN, "--batch", "3", "--model", "default"]
     assert main(["watch", str(folder), "--stream", "watch-cam", "--out",
                  str(tmp_path / "timeline.csv"), "--report", str(tmp_path / "report"),
                  *common]) == 0
@@ -232,13 +247,65 @@ def test_stream_state_is_bounded_and_reported(served_default, scene):
     data = open(item["path"], "rb").read()
     for name in ("a", "b", "c"):
         assert _post(served_default, [("x", data)], stream=name).status_code == 200
-    info = served_default.get("/v1/model", headers=AUTH).json()
+    info = served_default.get("/v1/model", params={"model": "default"}, headers=AUTH).json()
     state = info["stream_state"]
     assert state["streams"] == 2 and state["max_streams"] == 2 and state["evicted"] >= 1
     assert state["state_bytes"] > 0
     assert info["recipe"]["name"] == "default"
     bad = _post(served_default, [("x", data)], stream="a", method="hdbscan")
     assert bad.status_code == 422 and "recipe" in bad.json()["error"]
+
+
+def test_sixteen_scene_models_behind_one_endpoint(served_default, default_scores, scored,
+                                                 scene):
+    """One endpoint, 16 scene models, two models' shares per shard replica: every model answers
+    as `vitad score` does for it (the default model's copies as the default, the paper model as
+    the paper model), the replicas hold no more than the bound, and a stream mapped to a model
+    is scored by it without naming it."""
+    client = served_default
+    listing = client.get("/v1/models", headers=AUTH).json()
+    names = [m["name"] for m in listing["models"]]
+    assert len(names) == MODELS and {"default", "paper"} <= set(names)
+    assert listing["models_per_replica"] == PER_REPLICA
+    df, paper = default_scores["df"], scored["df"]
+    clip = sorted(df["clip"].unique())[1]
+    items = _clip_items(scene, clip)
+    frame = [("5", open(items[5]["path"], "rb").read())]
+    want = df[df["clip"] == clip].sort_values("frame_index")
+    paper_row = paper.index[paper["frame_id"] == f"{clip}/5"][0]
+    for name in names:
+        r = _post(client, frame, model=name)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["model"] == name and body["version"] == 1
+        result = body["results"][0]
+        if name == "paper":
+            assert result["global"]["confidence"] == pytest.approx(
+                float(paper["global_kmeans"][paper_row]), abs=1e-5)
+            np.testing.assert_allclose(np.ravel(result["local"]["grid"]),
+                                       scored["arrays"]["local_kmeans"][paper_row], atol=1e-5)
+        else:
+            assert result["evidence"]["appearance"] == pytest.approx(
+                float(want["evidence_appearance"].iloc[5]), abs=1e-4)
+    listing = client.get("/v1/models", headers=AUTH).json()
+    replicas = listing["replicas"]
+    assert {r.split("/")[0] for r in replicas} == {"DetectorShard0", "DetectorShard1",
+                                                   "ScopeShard0", "ScopeShard1"}
+    assert all(0 < len(r["models"]) <= PER_REPLICA for r in replicas.values())
+    held = {m["name"] for m in listing["models"] if m["loaded_on"]}
+    assert names[-1] in held and len(held) <= 2 * PER_REPLICA < MODELS
+    # The mapped stream: cam09's, frame by frame, as `vitad score` scored the clip.
+    got = [_post(client, [(str(it["frame_index"]), open(it["path"], "rb").read())], model=None,
+                 stream="mapped-cam").json()["results"][0] for it in items]
+    np.testing.assert_allclose([a["frame_score"] for a in got], want["frame_score"], atol=1e-4)
+    wrong = _post(client, frame, model="paper", stream="mapped-cam")
+    assert wrong.status_code == 409 and "cam09" in wrong.json()["error"]
+    unnamed = _post(client, frame, model=None)
+    assert unnamed.status_code == 422 and "name a model" in unnamed.json()["error"]
+    assert _post(client, frame, model="nope").status_code == 404
+    assert client.get("/v1/model", headers=AUTH).status_code == 422
+    assert client.get("/v1/model", params={"model": "cam09"},
+                      headers=AUTH).json()["name"] == "cam09"
 
 
 def test_stream_registry_forgets_idle_and_least_recent_streams():

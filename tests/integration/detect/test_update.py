@@ -2,6 +2,8 @@
 fitted model give the model a fit on every clip gives. Its own module: the endpoint of the
 recipe pipeline's tests holds the cluster's CPUs until its module ends, and a fit needs them."""
 
+import time
+
 import numpy as np
 import pytest
 
@@ -9,40 +11,53 @@ from vitad_ray.cli.main import main
 from vitad_ray.pipeline.score import read_scores
 from vitad_ray.storage.modeldir import read_model_json
 
+from ...ports import free_port
 from ...tiny_scene import FRAMES, TRAIN_CLIPS
 
 pytestmark = pytest.mark.integration
+
+
+class TrainClips:
+    """The session's default-backbone embeddings, cut by training clip into new folders."""
+
+    def __init__(self, embedded, tmp_path):
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        self.folder, self.tmp_path = embedded["out"] / "tiny-dinov2", tmp_path
+        self.table = pq.read_table(sorted(self.folder.glob("part-*.parquet")))
+        train = self.table.filter(pc.equal(self.table["split"], "train"))
+        self.clips = sorted(set(train["clip"].to_pylist()))
+        # Leave-one-clip-out over 2 clips, as over the 4 later.
+        self.recipe = tmp_path / "two.yaml"
+        self.recipe.write_text("base: default\nloo_min_clips: 2\n")
+
+    def subset(self, name, keep):
+        import shutil
+
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        out = self.tmp_path / name
+        out.mkdir()
+        pq.write_table(self.table.filter(pc.is_in(self.table["clip"], pa.array(keep))),
+                       out / "part-00000.parquet")
+        shutil.copy(self.folder / "_metadata.json", out)
+        return out
 
 
 def test_vitad_update_adds_clips_as_a_fit_on_all_of_them(embedded, ray_local, tmp_path,
                                                          capsys):
     """`vitad update` with new normal clips gives the model a fit on every clip gives: the same
     memory, calibration, threshold and scores; model.json's version goes up."""
-    import shutil
-
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    default_embeddings = embedded["out"] / "tiny-dinov2"
-    table = pq.read_table(sorted(default_embeddings.glob("part-*.parquet")))
-    clips = sorted(set(table.filter(pc.equal(table["split"], "train"))["clip"].to_pylist()))
+    cut = TrainClips(embedded, tmp_path)
+    default_embeddings, clips, recipe = cut.folder, cut.clips, cut.recipe
     assert len(clips) == TRAIN_CLIPS
-
-    def subset(name, keep):
-        out = tmp_path / name
-        out.mkdir()
-        pq.write_table(table.filter(pc.is_in(table["clip"], pa.array(keep))),
-                       out / "part-00000.parquet")
-        shutil.copy(default_embeddings / "_metadata.json", out)
-        return out
-
-    recipe = tmp_path / "two.yaml"  # leave-one-clip-out over 2 clips, as over the 4 later
-    recipe.write_text("base: default\nloo_min_clips: 2\n")
     model, full = tmp_path / "model", tmp_path / "full"
-    assert main(["fit", str(subset("first", clips[:2])), "--out", str(model),
+    assert main(["fit", str(cut.subset("first", clips[:2])), "--out", str(model),
                  "--recipe", str(recipe)]) == 0
-    new = subset("second", clips[2:])
+    new = cut.subset("second", clips[2:])
     assert main(["update", str(model), "--embeddings", str(new)]) == 0
     assert "to version 2" in capsys.readouterr().out
     assert main(["fit", str(default_embeddings), "--out", str(full), "--recipe", str(recipe)]) == 0
@@ -70,3 +85,62 @@ def test_vitad_update_adds_clips_as_a_fit_on_all_of_them(embedded, ray_local, tm
     assert main(["update", str(model), "--embeddings", str(new)]) == 2
     assert "already" in capsys.readouterr().err
     assert read_model_json(model)["version"] == 2
+
+
+def test_a_served_model_takes_feedback_and_its_update_without_a_restart(embedded, scene,
+                                                                        ray_local, tmp_path,
+                                                                        capsys):
+    """Frames posted to /v1/streams/{id}/normal are queued in the model directory; `vitad update
+    MODEL --feedback` embeds and adds them; the running endpoint then answers with the new
+    version, as `vitad score` of the updated model does."""
+    import httpx
+    from ray import serve
+
+    from vitad_ray.data.frames import items_from_manifest, sample_video
+    from vitad_ray.serve.app import MODEL_CHECK_S, ServeConfig, start, wait_until_running
+    from vitad_ray.serve.watch import encode_png
+    from vitad_ray.storage.feedback import FEEDBACK_DIR, queued_clips
+
+    cut = TrainClips(embedded, tmp_path)
+    model = tmp_path / "model"
+    # Fitted before the endpoint starts: a fit needs the cluster's CPUs.
+    assert main(["fit", str(cut.subset("first", cut.clips[:2])), "--out", str(model),
+                 "--recipe", str(cut.recipe)]) == 0
+    test = next(it for it in items_from_manifest(scene["manifest"]) if it["frame_index"] == 3)
+    frame = [("images", ("f.png", open(test["path"], "rb").read(), "image/png"))]
+    video = next((scene["root"] / "train").glob(f"{cut.clips[2]}.*"))
+    normal = [encode_png(rgb) for _, _, rgb in sample_video(str(video), None)][:12]
+    cfg = ServeConfig(models={"cam": str(model)}, shards=1, port=free_port(), embed_threads=1,
+                      embed_cpus=0.1, shard_cpus=0.1, ingress_cpus=0.1, request_timeout_s=60)
+    url = start(cfg)
+    try:
+        assert wait_until_running(timeout_s=300) == []
+        with httpx.Client(base_url=url, timeout=60) as client:
+            before = client.post("/v1/detect", files=frame).json()
+            assert before["version"] == 1
+            files = [("images", (f"{i}.png", data, "image/png")) for i, data in enumerate(normal)]
+            queued = client.post("/v1/streams/gate/normal", files=files)
+            assert queued.status_code == 202, queued.text
+            assert queued.json()["queued"] == len(normal)
+            assert queued_clips(model) == [queued.json()["clip"]]
+            broken = client.post("/v1/streams/gate/normal", files=[
+                ("images", ("x.png", b"not an image", "image/png"))])
+            assert broken.status_code == 422 and queued_clips(model) == [queued.json()["clip"]]
+            assert main(["update", str(model), "--feedback"]) == 0
+            assert "to version 2" in capsys.readouterr().out
+            assert queued_clips(model) == []
+            assert (model / FEEDBACK_DIR / "applied" / queued.json()["clip"]).is_dir()
+            time.sleep(MODEL_CHECK_S + 0.5)
+            info = client.get("/v1/model").json()
+            assert info["version"] == 2 and info["updates"][0]["frames"] == len(normal)
+            after = client.post("/v1/detect", files=frame).json()
+            assert after["version"] == 2 and after["model_id"] != before["model_id"]
+    finally:
+        serve.shutdown()
+    out = tmp_path / "scores.parquet"
+    assert main(["score", str(model), str(cut.folder), "--out", str(out), "--split", "test"]) == 0
+    df = read_scores(out)[0]
+    want = df[df["frame_id"] == f"{test['clip']}/3"]["evidence_appearance"].iloc[0]
+    got = after["results"][0]["evidence"]["appearance"]
+    assert got == pytest.approx(float(want), abs=1e-4)
+    assert got != pytest.approx(before["results"][0]["evidence"]["appearance"], abs=1e-6)

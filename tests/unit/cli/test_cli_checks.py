@@ -160,5 +160,5 @@ def test_the_shipped_example_configs_are_valid(tmp_path):
         args = _parsed([name, "-c", str(configs / f"{name}.yaml"), *rest])
         assert args.config
     served = serve_config(_parsed(["serve", "model", "-c", str(configs / "serve.yaml"),
-                                   "--port", "9001"]))
+                                   "--port", "9001"]), {"model": "model"}, {})
     assert (served.port, served.shard_replicas, served.body_timeout_s) == (9001, 2, 10)
