@@ -245,15 +245,10 @@ def check_fit(args) -> list:
 
 
 def check_update(args) -> None:
-    from ..detect.recipe import recipe_from_model
-
-    doc = model_dir("model", args.model)
+    model_dir("model", args.model)
     if args.embeddings:
         embeddings_dir("--embeddings", args.embeddings)
-    else:
-        ray_flags(args)
-    if recipe_from_model(doc).kind == "paper":
-        raise UsageError("model", "a paper-recipe model is refitted, not updated: `vitad fit`")
+    ray_flags(args)
 
 
 def check_score(args) -> None:

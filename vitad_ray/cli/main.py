@@ -227,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("update", help="add normal video of new clips to a fitted model without "
                                       "refitting it (memory, calibration, label-free threshold)")
-    p.add_argument("model", help="model directory written by `vitad fit` (default recipe)")
+    p.add_argument("model", help="model directory written by `vitad fit`")
     new = p.add_mutually_exclusive_group(required=True)
     new.add_argument("--embeddings",
                      help="embeddings folder of the new normal clips (split train, as `vitad "
@@ -406,18 +406,32 @@ def cmd_update(args) -> dict:
     from .checks import check_update
 
     check_update(args)
-    from ..detect.fit import update_detector_model
-
     if args.feedback:
         return _update_from_feedback(args)
-    res = update_detector_model(args.model, args.embeddings)
+    res = _update(args, args.embeddings)
     _say_updated(args.model, res)
     return res
+
+
+def _update(args, emb_dir) -> dict:
+    """The model's update for its recipe: the paper's per-scope models on Ray tasks, the
+    Detector's memories in this process."""
+    from ..detect.fit import update_detector_model
+    from ..detect.recipe import recipe_from_model
+    from ..pipeline.fit import update_paper_model
+    from ..storage.modeldir import read_model_json
+
+    if recipe_from_model(read_model_json(args.model)).kind == "paper":
+        _start_ray(args)
+        return update_paper_model(args.model, emb_dir)
+    return update_detector_model(args.model, emb_dir)
 
 
 def _say_updated(model: str, res: dict) -> None:
     kept = (" (the thresholds calibrated or set after the fit are kept; the label-free one is "
             "in model.json's updates)" if res["thresholds_kept"] else " (label-free)")
+    if res["thresholds_kept"] is None:
+        kept = " (the paper recipe's confidence threshold)"
     _say(f"updated {model} to version {res['version']}: {res['frames']} frames of clips "
          f"{', '.join(res['clips'])} in {res['seconds']:.1f}s; threshold "
          f"{res['threshold']:.4f}{kept}")
@@ -429,7 +443,6 @@ def _update_from_feedback(args) -> dict:
     import shutil
 
     from ..data.frames import items_from_frame_folder
-    from ..detect.fit import update_detector_model
     from ..detect.recipe import recipe_from_model
     from ..pipeline.embed import BackboneChoice, run_embedding
     from ..storage.feedback import FEEDBACK_DIR, mark_applied, queue_dir, queued_clips
@@ -450,7 +463,7 @@ def _update_from_feedback(args) -> dict:
                             image_size=int(emb["image_size"]),
                             layers=tuple(emb.get("layers") or ()))
     run_embedding(items, [choice], work, zooms=recipe_from_model(doc).zoom_views)
-    res = update_detector_model(args.model, work / doc["backbone"])
+    res = _update(args, work / doc["backbone"])
     mark_applied(args.model, clips)
     shutil.rmtree(work, ignore_errors=True)
     _say_updated(args.model, res)

@@ -101,6 +101,32 @@ class KMeansNormality(BaseEstimator):
         self.train_ = x
         return self
 
+    def update(self, x_new: np.ndarray) -> "KMeansNormality":
+        """Adds normal vectors without a new k sweep: k stays, Lloyd's iterations start from the
+        clusters' present centres over every vector, and loc_dens is recomputed only in the
+        clusters whose members changed. Where the clusters are stable (a refit would find the
+        same ones) the result is the refit's: same partition, same loc_dens."""
+        from sklearn.cluster import KMeans
+
+        x_new = np.ascontiguousarray(x_new, np.float32)
+        n_old = len(self.train_)
+        x = np.concatenate([self.train_, x_new])
+        old = self.labels_
+        centres = np.stack([self.train_[old == c].mean(axis=0) for c in range(self.k_)])
+        km = KMeans(n_clusters=self.k_, init=centres, n_init=1,
+                    random_state=self.random_state).fit(x)
+        labels = km.labels_.astype(np.int32)
+        loc = np.concatenate([self.loc_dens_, np.zeros(len(x_new), np.float32)])
+        changed = set(labels[n_old:].tolist()) | set(old[labels[:n_old] != old].tolist()) | \
+            set(labels[:n_old][labels[:n_old] != old].tolist())
+        for cluster in sorted(changed):
+            members = np.flatnonzero(labels == cluster)
+            loc[members] = local_density(x[members], np.zeros(len(members)), self.m)
+        self.labels_, self.loc_dens_, self.train_ = labels, loc, x
+        self.cluster_centers_ = km.cluster_centers_.astype(np.float32)
+        self.clusters_changed_ = len(changed)
+        return self
+
     def _silhouette_sample(self, n: int) -> np.ndarray:
         size = self.silhouette_sample_size
         if not size or size >= n:

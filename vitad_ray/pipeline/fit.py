@@ -23,7 +23,7 @@ from ..normality.estimators import HDBSCANNormality, KMeansNormality, k_range
 from ..storage.atomic import write_json
 from ..storage.modeldir import (DEFAULT_THRESHOLDS, HDBSCAN_DIR, MODEL_FILE, SCOPES_DIR,
                                 embeddings_entry, hdbscan_path, read_model_json, scope_marker,
-                                write_model_json)
+                                shard_locations, write_model_json)
 from ..storage.store import ScopeStore, collection_name, scope_names, shard_location, shard_of
 from ..storage.versions import package_versions
 from .progress import Progress
@@ -43,6 +43,12 @@ class FitConfig:
     train_splits: tuple[str, ...] = ("train",)
     max_in_flight: int | None = None
 
+    def task_settings(self, k_max: int) -> dict:
+        """What a scope's task (``fit_one_scope``) is told."""
+        return {"k_max": k_max, "m": self.m, "silhouette_sample_size":
+                self.silhouette_sample_size, "hdbscan": self.hdbscan,
+                "min_cluster_size": self.min_cluster_size, "min_samples": self.min_samples}
+
     @classmethod
     def from_recipe(cls, recipe, **settings) -> "FitConfig":
         """The paper recipe's k-Means / HDBSCAN settings, plus storage settings."""
@@ -58,15 +64,25 @@ def stack_scopes(global_: np.ndarray, local: np.ndarray) -> np.ndarray:
     return out
 
 
-def fit_one_scope(train: np.ndarray, scope_index: int, cfg: dict) -> dict:
-    """Fit both estimators on one scope; returns only the small learned state."""
+def fit_one_scope(train: np.ndarray, scope_index: int, cfg: dict,
+                  warm: dict | None = None) -> dict:
+    """Fit both estimators on one scope; returns only the small learned state. ``warm`` (an
+    update): the scope's stored k-Means labels and loc_dens of the first rows, which keep their
+    k and are updated (``KMeansNormality.update``) rather than refitted."""
     import torch
 
     torch.set_num_threads(1)
     start = time.perf_counter()
     x = train[scope_index]
-    km = KMeansNormality(k_min=2, k_max=cfg["k_max"], m=cfg["m"],
-                         silhouette_sample_size=cfg["silhouette_sample_size"]).fit(x)
+    params = dict(k_min=2, k_max=cfg["k_max"], m=cfg["m"],
+                  silhouette_sample_size=cfg["silhouette_sample_size"])
+    if warm is None:
+        km = KMeansNormality(**params).fit(x)
+    else:
+        n_old = len(warm["cluster"])
+        km = KMeansNormality.from_state(x[:n_old], warm["cluster"], warm["loc_dens"], **params)
+        km.silhouette_, km.silhouette_by_k_ = warm["silhouette"], {}
+        km.update(x[n_old:])
     out = {"scope_index": scope_index, "k": int(km.k_), "silhouette": float(km.silhouette_),
            "silhouette_by_k": {str(k): v for k, v in km.silhouette_by_k_.items()},
            "cluster": km.labels_, "loc_dens": km.loc_dens_, "hdbscan": None,
@@ -198,9 +214,6 @@ def fit_model(emb_dir: str | os.PathLike, model_dir: str | os.PathLike,
               cfg: FitConfig | None = None, show_progress: bool = True, recipe=None
               ) -> FitResult:
     """The paper recipe's fit: every scope's k-Means and HDBSCAN, stored in Chroma."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
     from ..detect import PAPER
 
     cfg = cfg or FitConfig()
@@ -230,35 +243,54 @@ def fit_model(emb_dir: str | os.PathLike, model_dir: str | os.PathLike,
 
     train = stack_scopes(emb.global_, emb.local)
     del emb
+    locations = [shard_location(model_dir, s, cfg.chroma_url) for s in range(cfg.n_shards)]
+    fitted, done, nodes = _fit_scopes(model_dir, locations, backbone, frame_ids, train, cfg,
+                                      cfg.task_settings(k_max), show_progress)
+    shard_scopes = _shard_scopes(scopes, cfg.n_shards)
+    _write_model_json(model_dir, meta, emb_dir, clips, frame_ids, scopes, shard_scopes, locations,
+                      cfg, k_min, k_max, time.perf_counter() - start, recipe, layers)
+    return FitResult(model_dir, fitted=fitted, skipped=done,
+                     seconds=time.perf_counter() - start, nodes=nodes)
+
+
+def _shard_scopes(scopes: list[str], n_shards: int) -> list[list[str]]:
+    return [[sc for i, sc in enumerate(scopes) if shard_of(i, len(scopes), n_shards) == s]
+            for s in range(n_shards)]
+
+
+def _fit_scopes(model_dir: Path, locations: list[str], backbone: str, frame_ids: list[str],
+                train: np.ndarray, cfg: FitConfig, task_cfg: dict, show_progress: bool,
+                warm: list[dict] | None = None) -> tuple[int, int, dict[str, int]]:
+    """Every scope not yet stored whole: a Ray task each (``fit_one_scope``), written by its
+    shard's one Chroma writer. Returns (scopes fitted, scopes already done, tasks per node)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    scopes = scope_names(train.shape[0] - 1)
     train_ref = ray.put(train)
     del train
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     writer_cls = ray.remote(num_cpus=0, scheduling_strategy=here)(ShardWriter)
     # With a Chroma server every shard lives there; embedded stores get one folder each.
-    locations = [shard_location(model_dir, s, cfg.chroma_url) for s in range(cfg.n_shards)]
     writers = [writer_cls.remote(str(model_dir), loc, backbone, frame_ids, [train_ref])
                for loc in locations]
-    shard_scopes = [[sc for i, sc in enumerate(scopes) if shard_of(i, len(scopes), cfg.n_shards) == s]
-                    for s in range(cfg.n_shards)]
     done = set()
-    for writer, owned in zip(writers, shard_scopes):
+    for writer, owned in zip(writers, _shard_scopes(scopes, cfg.n_shards)):
         done.update(ray.get(writer.done_scopes.remote(owned)))
-
-    task_cfg = {"k_max": k_max, "m": cfg.m, "silhouette_sample_size": cfg.silhouette_sample_size,
-                "hdbscan": cfg.hdbscan, "min_cluster_size": cfg.min_cluster_size,
-                "min_samples": cfg.min_samples}
     fit_task = ray.remote(num_cpus=1, max_retries=3)(fit_one_scope)
     todo = _round_robin([i for i, sc in enumerate(scopes) if sc not in done],
                         [shard_of(i, len(scopes), cfg.n_shards) for i in range(len(scopes))])
     cpus = int(ray.cluster_resources().get("CPU", 1))
     max_in_flight = cfg.max_in_flight or 2 * cpus
-    progress = Progress("fit", total=len(todo), enabled=show_progress)
+    progress = Progress("fit" if warm is None else "update", total=len(todo),
+                        enabled=show_progress)
     pending, writes, nodes = {}, [], {}
     queue = list(todo)
     while queue or pending:
         while queue and len(pending) < max_in_flight:
             i = queue.pop(0)
-            pending[fit_task.remote(train_ref, i, task_cfg)] = i
+            pending[fit_task.remote(train_ref, i, task_cfg,
+                                    None if warm is None else warm[i])] = i
         ready, _ = ray.wait(list(pending), num_returns=1)
         for ref in ready:
             i = pending.pop(ref)
@@ -275,11 +307,106 @@ def fit_model(emb_dir: str | os.PathLike, model_dir: str | os.PathLike,
     progress.close()
     for writer in writers:
         ray.kill(writer)
+    return len(todo), len(done), nodes
 
-    _write_model_json(model_dir, meta, emb_dir, clips, frame_ids, scopes, shard_scopes, locations,
-                      cfg, k_min, k_max, time.perf_counter() - start, recipe, layers)
-    return FitResult(model_dir, fitted=len(todo), skipped=len(done),
-                     seconds=time.perf_counter() - start, nodes=nodes)
+
+def update_paper_model(model_dir: str | os.PathLike, emb_dir: str | os.PathLike,
+                       train_splits: tuple[str, ...] = ("train",), show_progress: bool = True
+                       ) -> dict:
+    """``vitad update`` of a paper-recipe model: the new clips' vectors join every scope. Each
+    scope keeps its k; its k-Means clusters are updated from their present centres and loc_dens
+    recomputed in the clusters whose members changed (``KMeansNormality.update``); HDBSCAN,
+    which has no incremental form, is refitted on the scope's vectors. The stores are written
+    aside and swapped in whole; a killed update is resumed by running it again."""
+    import shutil
+
+    from ..detect import recipe_from_model
+    from ..pipeline.score import model_features
+
+    start = time.perf_counter()
+    model_dir = Path(model_dir)
+    doc = read_model_json(model_dir)
+    recipe = recipe_from_model(doc)
+    if recipe.kind != "paper":
+        raise ValueError(f"{model_dir} is a {recipe.name} model: update_detector_model")
+    if any(sh["location"].startswith(("http://", "https://")) for sh in doc["shards"]):
+        raise ValueError(f"{model_dir} keeps its vectors in a Chroma server: refit it")
+    emb, _ = load_training_frames(emb_dir, recipe, train_splits)
+    model_features(doc, emb.metadata, emb_dir)
+    clips = sorted(map(str, emb.ids["clip"].unique()))
+    again = sorted(set(clips) & set(doc["train"]["clips"]))
+    if again:
+        raise ValueError(f"clips {again} are already in {model_dir}: an update adds new clips")
+    backbone = doc["backbone"]
+    scopes = scope_names(int(doc["embeddings"]["num_patches"]))
+    new = stack_scopes(emb.global_, emb.local)
+    new_ids = emb.ids["frame_id"].tolist()
+    del emb
+    n_old = int(doc["train"]["n_frames"])
+    train = np.empty((len(scopes), n_old + len(new_ids), new.shape[2]), np.float32)
+    train[:, n_old:] = new
+    del new
+    warm: list[dict] = [{} for _ in scopes]
+    old_ids: list[str] = []
+    for loc, owned in shard_locations(model_dir, doc):
+        store = ScopeStore(loc)
+        for scope in owned:
+            i = scopes.index(scope)
+            ids, vecs, cluster, dens = store.read_scope(collection_name(backbone, scope))
+            if len(ids) != n_old:
+                raise RuntimeError(f"{model_dir}: scope {scope} holds {len(ids)} vectors, not "
+                                   f"{n_old}; `vitad verify` says more")
+            train[i, :n_old] = vecs
+            warm[i] = {"cluster": cluster, "loc_dens": dens,
+                       "silhouette": doc["scopes"][scope]["silhouette"]}
+            old_ids = old_ids or ids
+        store.close()
+    params = doc["params"]
+    cfg = FitConfig(k_max=params["k_max"], m=params["m"], hdbscan=params["hdbscan"],
+                    min_cluster_size=params["min_cluster_size"],
+                    min_samples=params["min_samples"],
+                    silhouette_sample_size=params["silhouette_sample_size"],
+                    n_shards=len(doc["shards"]), train_splits=tuple(train_splits))
+    frame_ids = old_ids + new_ids
+    staging = model_dir / "update.staging"
+    signature = hashlib.sha256("\n".join(frame_ids).encode()).hexdigest()
+    state_file = staging / "fit_state.json"
+    if state_file.exists() and json.loads(state_file.read_text())["signature"] != signature:
+        shutil.rmtree(staging)  # an interrupted update of other clips: start it afresh
+    for folder in (SCOPES_DIR, HDBSCAN_DIR):
+        (staging / folder).mkdir(parents=True, exist_ok=True)
+    write_json(state_file, {"signature": signature})
+    t0 = time.perf_counter()
+    _fit_scopes(staging, [shard_location(staging, s) for s in range(cfg.n_shards)], backbone,
+                frame_ids, train, cfg, cfg.task_settings(cfg.k_max), show_progress, warm=warm)
+    update_s = time.perf_counter() - t0
+    del train
+    # The swap: each of the stores, the scope markers and HDBSCAN states moves in whole.
+    parts = [SCOPES_DIR, HDBSCAN_DIR] + [
+        os.path.relpath(shard_location(staging, s), staging) for s in range(cfg.n_shards)]
+    old = model_dir / "update.old"
+    shutil.rmtree(old, ignore_errors=True)
+    for part in parts:
+        (old / part).parent.mkdir(parents=True, exist_ok=True)
+        if (model_dir / part).exists():
+            os.replace(model_dir / part, old / part)
+        os.replace(staging / part, model_dir / part)
+    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(staging, ignore_errors=True)
+    for scope in scopes:
+        marker = json.loads(scope_marker(model_dir, scope).read_text())
+        doc["scopes"][scope] = {"k": marker["k"], "silhouette": marker["silhouette"],
+                                "train_count": marker["train_count"],
+                                "hdbscan_clusters": marker["hdbscan_clusters"]}
+    doc["train"].update(clips=sorted(set(doc["train"]["clips"]) | set(clips)),
+                        n_frames=len(frame_ids))
+    doc["version"] = int(doc.get("version", 1)) + 1
+    doc.setdefault("updates", []).append({"clips": clips, "frames": len(new_ids),
+                                          "seconds": round(update_s, 2)})
+    write_model_json(model_dir, doc)
+    return {"version": doc["version"], "clips": clips, "frames": len(new_ids),
+            "update_seconds": update_s, "seconds": time.perf_counter() - start,
+            "threshold": doc["thresholds"]["kmeans"]["patch"], "thresholds_kept": None}
 
 
 def _write_model_json(model_dir: Path, meta: dict, emb_dir, clips, frame_ids, scopes,

@@ -681,9 +681,6 @@ class Ingress:
         try:
             images, opts = await self._parse(request, {"stream": stream})
             model = await self._model_for(opts)
-            if not model.crossclip:
-                raise ApiError(422, f"model {model.name!r} (paper recipe) is refitted, not "
-                                    "updated: it takes no feedback")
             # Decoded only to refuse what an update could not read; the images as sent are kept.
             await asyncio.to_thread(decode_images, images, model.info["image_size"], self.limits)
             queued = await asyncio.to_thread(queued_frames, model.dir)

@@ -144,3 +144,62 @@ def test_a_served_model_takes_feedback_and_its_update_without_a_restart(embedded
     got = after["results"][0]["evidence"]["appearance"]
     assert got == pytest.approx(float(want), abs=1e-4)
     assert got != pytest.approx(before["results"][0]["evidence"]["appearance"], abs=1e-6)
+
+
+def test_vitad_update_of_a_paper_model_equals_its_refit(embedded, ray_local, tmp_path, capsys):
+    """The paper recipe on the tiny scene: fit on 2 clips and `vitad update` with the other 2
+    give every scope the clusters, loc_dens and HDBSCAN state of a fit on all 4, and `vitad
+    score` the same table."""
+    from vitad_ray.normality.hdbscan_predict import load_state
+    from vitad_ray.storage.modeldir import hdbscan_path, shard_locations
+    from vitad_ray.storage.store import ScopeStore, collection_name, scope_names
+
+    cut = TrainClips(embedded, tmp_path)
+    model, full = tmp_path / "model", tmp_path / "full"
+    fit = ["--recipe", "paper", "--k-max", "2", "--shards", "2"]
+    assert main(["fit", str(cut.subset("first", cut.clips[:2])), "--out", str(model), *fit]) == 0
+    assert main(["update", str(model), "--embeddings",
+                 str(cut.subset("second", cut.clips[2:]))]) == 0
+    assert "to version 2" in capsys.readouterr().out
+    assert main(["fit", str(cut.folder), "--out", str(full), *fit]) == 0
+    assert main(["verify", str(model)]) == 0
+    got, want = read_model_json(model), read_model_json(full)
+    assert got["train"]["n_frames"] == want["train"]["n_frames"] == TRAIN_CLIPS * FRAMES
+    assert got["version"] == 2 and got["train"]["clips"] == want["train"]["clips"]
+
+    def scopes(folder, doc):
+        out = {}
+        for loc, owned in shard_locations(folder, doc):
+            store = ScopeStore(loc)
+            for scope in owned:
+                ids, vecs, cluster, dens = store.read_scope(collection_name(doc["backbone"],
+                                                                            scope))
+                order = np.argsort(ids)  # the update keeps the old rows first
+                out[scope] = (np.asarray(ids)[order], vecs[order], cluster[order], dens[order])
+            store.close()
+        return out
+
+    a, b = scopes(model, got), scopes(full, want)
+    names = scope_names(int(got["embeddings"]["num_patches"]))
+    for scope in names:
+        ids, vecs, cluster, dens = a[scope]
+        np.testing.assert_array_equal(ids, b[scope][0])
+        np.testing.assert_array_equal(vecs, b[scope][1])
+        same = [(cluster == c) for c in np.unique(cluster)]
+        assert sorted(map(tuple, map(np.flatnonzero, same))) == sorted(
+            tuple(np.flatnonzero(b[scope][2] == c)) for c in np.unique(b[scope][2])), scope
+        np.testing.assert_allclose(dens, b[scope][3], rtol=1e-5, atol=1e-6)
+        assert got["scopes"][scope]["hdbscan_clusters"] == want["scopes"][scope]["hdbscan_clusters"]
+        assert load_state(hdbscan_path(model, scope)).min_samples == \
+            load_state(hdbscan_path(full, scope)).min_samples
+    tables = {}
+    for name, folder in (("updated", model), ("full", full)):
+        out = tmp_path / f"{name}.parquet"
+        assert main(["score", str(folder), str(cut.folder), "--out", str(out), "--split",
+                     "test"]) == 0
+        tables[name] = read_scores(out)
+    for column in ("global_kmeans", "global_hdbscan", "local_kmeans_n_anomalous"):
+        np.testing.assert_allclose(tables["updated"][0][column], tables["full"][0][column],
+                                   atol=1e-5)
+    np.testing.assert_allclose(tables["updated"][1]["local_kmeans"],
+                               tables["full"][1]["local_kmeans"], atol=1e-5)

@@ -155,10 +155,55 @@ def test_the_shipped_example_configs_are_valid(tmp_path):
     needs = {"embed": ["--frames", ".", "--out", "e"], "fit": ["emb", "--out", "m"],
              "serve": ["model"], "evaluate": ["--manifest", "m.csv", "--out", "r"]}
     shipped = sorted(p.stem for p in configs.glob("*.yaml"))
-    assert shipped == sorted(needs)
+    assert shipped == sorted([*needs, "models"])
     for name, rest in needs.items():
         args = _parsed([name, "-c", str(configs / f"{name}.yaml"), *rest])
         assert args.config
     served = serve_config(_parsed(["serve", "model", "-c", str(configs / "serve.yaml"),
                                    "--port", "9001"]), {"model": "model"}, {})
     assert (served.port, served.shard_replicas, served.body_timeout_s) == (9001, 2, 10)
+    # The models list: read as `vitad serve` reads it, once its model folders exist.
+    import json
+    import shutil
+
+    from vitad_ray.cli.checks import served_models
+
+    (tmp_path / "sub").mkdir()
+    shutil.copy(configs / "models.yaml", tmp_path / "sub" / "models.yaml")
+    for name in ("bay", "dock"):
+        (tmp_path / "runs" / name / "model").mkdir(parents=True)
+        (tmp_path / "runs" / name / "model" / "model.json").write_text(json.dumps({"format": 1}))
+    models, streams = served_models([str(tmp_path / "sub" / "models.yaml")])
+    assert sorted(models) == ["bay", "dock"] and streams == {"bay-cam-1": "bay",
+                                                             "dock-cam-1": "dock"}
+
+
+def test_serve_takes_model_folders_a_folder_of_them_and_a_yaml_list(tmp_path):
+    """`vitad serve`'s models: a model directory is named after its folder, a folder of models
+    gives each, a YAML file names them and maps streams; clashes and strays are refused."""
+    import json
+
+    from vitad_ray.cli.checks import UsageError, served_models
+
+    def model(path):
+        path.mkdir(parents=True)
+        (path / "model.json").write_text(json.dumps({"format": 1, "backbone": "tiny-dinov2"}))
+        return path
+
+    site = tmp_path / "site"
+    a, b = model(site / "gate"), model(site / "dock")
+    assert served_models([str(a)]) == ({"gate": str(a)}, {})
+    assert served_models([str(site)])[0] == {"dock": str(b), "gate": str(a)}
+    listing = tmp_path / "models.yaml"
+    listing.write_text("models:\n  - {name: cam1, dir: site/gate}\n  - {name: cam2, dir: "
+                       "site/dock}\nstreams: {north: cam2}\n")
+    models, streams = served_models([str(listing)])
+    assert models == {"cam1": str(tmp_path / "site/gate"), "cam2": str(tmp_path / "site/dock")}
+    assert streams == {"north": "cam2"}
+    with pytest.raises(UsageError, match="two models named 'gate'"):
+        served_models([str(a), str(a)])
+    with pytest.raises(UsageError, match="holds no model"):
+        served_models([str(tmp_path)])
+    listing.write_text("models: {cam1: site/gate}\nstreams: {north: cam9}\n")
+    with pytest.raises(UsageError, match="not served"):
+        served_models([str(listing)])

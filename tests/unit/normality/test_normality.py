@@ -63,6 +63,38 @@ def test_silhouette_chooses_k_of_blobs(true_k):
     assert est.silhouette_ == max(est.silhouette_by_k_.values())
 
 
+def _partition(labels: np.ndarray) -> list[tuple[int, ...]]:
+    return sorted(tuple(np.flatnonzero(labels == c)) for c in np.unique(labels))
+
+
+def test_kmeans_update_equals_a_refit_on_every_vector():
+    """New normal vectors added to a fitted scope: the clusters, loc_dens and confidences are a
+    refit's on all the vectors, exactly, where the scene's clusters are stable (here 4 blobs,
+    as a camera's few kinds of normal frames). Clusters no new vector reached keep their
+    loc_dens untouched."""
+    from sklearn.datasets import make_blobs
+
+    x, _ = make_blobs(480, n_features=24, centers=4, cluster_std=1.0, random_state=3)
+    x = x.astype(np.float32)
+    first, later = x[:200], x[200:]
+    refit = KMeansNormality(k_max=6).fit(x)
+    updated = KMeansNormality(k_max=6).fit(first).update(later)
+    assert updated.k_ == refit.k_ == 4 and updated.clusters_changed_ == 4
+    assert _partition(updated.labels_) == _partition(refit.labels_)
+    np.testing.assert_array_equal(updated.loc_dens_, refit.loc_dens_)
+    q = np.vstack([x[::7] + 0.3, np.full((3, 24), 40.0, np.float32)]).astype(np.float32)
+    np.testing.assert_array_equal(updated.score_samples(q), refit.score_samples(q))
+    # New vectors of one kind only: the other clusters' loc_dens stay as they were.
+    base = KMeansNormality(k_max=6).fit(first)
+    before = base.loc_dens_.copy()
+    one_kind = base.labels_[0]
+    near = first[base.labels_ == one_kind][:5] + 0.01
+    base.update(near)
+    assert base.clusters_changed_ == 1
+    untouched = np.flatnonzero(base.labels_[:200] != one_kind)
+    np.testing.assert_array_equal(base.loc_dens_[untouched], before[untouched])
+
+
 def test_k_range_follows_training_clips():
     assert k_range(16) == (2, 8)
     assert k_range(3) == (2, 2)

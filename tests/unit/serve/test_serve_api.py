@@ -144,3 +144,37 @@ def test_pixel_limits_answer_413_for_one_image_and_for_a_request():
     assert len(decode_images(images, 28, Limits(max_request_pixels=30_000))) == 3
     status, reason = _status(decode_images, images, 28, Limits(max_request_pixels=29_999))
     assert status == 413 and "per request" in reason
+
+
+def test_served_models_catalog_and_the_memory_bound(tmp_path):
+    """One model is named after its folder; several need valid names and a stream map onto
+    them; the memory bound gives how many models' shares a shard replica keeps."""
+    from vitad_ray.serve.app import models_per_replica
+
+    assert ServeConfig(model_dir="runs/cam-1/default").catalog() == {"default":
+                                                                      "runs/cam-1/default"}
+    with pytest.raises(ValueError, match="not both"):
+        ServeConfig(model_dir="a", models={"b": "b"}).catalog()
+    with pytest.raises(ValueError, match="no model"):
+        ServeConfig().catalog()
+    with pytest.raises(ValueError, match="model name"):
+        ServeConfig(models={"bad name": "x"}).catalog()
+    with pytest.raises(ValueError, match="streams map"):
+        ServeConfig(models={"a": "x"}, streams={"gate": "b"}).catalog()
+    folders = {}
+    for name, size in (("a", 3 << 20), ("b", 1 << 20)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "memory.npy").write_bytes(b"\0" * size)
+        folders[name] = str(tmp_path / name)
+    # The largest model (3 MiB) over 2 shards: 1.5 MiB a share; 4 MiB hold 2 of them.
+    assert models_per_replica(ServeConfig(models=folders, model_memory_mb=4), folders, 2) == 2
+    assert models_per_replica(ServeConfig(models=folders), folders, 2) == 2  # unbounded: all
+    assert models_per_replica(ServeConfig(models=folders, models_per_replica=1), folders, 2) == 1
+    with pytest.raises(ValueError, match="holds no model"):
+        models_per_replica(ServeConfig(models=folders, model_memory_mb=1), folders, 2)
+
+
+def test_a_request_names_its_model():
+    assert parse_options({"model": "cam-07"}).model == "cam-07"
+    with pytest.raises(ApiError, match="model must be"):
+        parse_options({"model": ""})
