@@ -89,18 +89,13 @@ def parse_options(fields: dict) -> DetectOptions:
     for key in ("threshold", "global_threshold", "patch_threshold"):
         if fields.get(key) is not None:
             setattr(opts, key, _threshold(key, fields[key]))
-    model = fields.get("model")
-    if model is not None:
-        model = str(model)
-        if not 1 <= len(model) <= MAX_STREAM_ID or not model.isprintable():
-            raise ApiError(422, f"model must be 1 to {MAX_STREAM_ID} printable characters")
-        opts.model = model
-    stream = fields.get("stream")
-    if stream is not None:
-        stream = str(stream)
-        if not 1 <= len(stream) <= MAX_STREAM_ID or not stream.isprintable():
-            raise ApiError(422, f"stream must be 1 to {MAX_STREAM_ID} printable characters")
-        opts.stream = stream
+    for key in ("model", "stream"):
+        name = fields.get(key)
+        if name is not None:
+            name = str(name)
+            if not 1 <= len(name) <= MAX_STREAM_ID or not name.isprintable():
+                raise ApiError(422, f"{key} must be 1 to {MAX_STREAM_ID} printable characters")
+            setattr(opts, key, name)
     if fields.get("frame_index") is not None:
         if opts.stream is None:
             raise ApiError(422, "frame_index needs a stream")

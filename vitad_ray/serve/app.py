@@ -435,6 +435,21 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return _error(500, f"internal error ({exc.__class__.__name__}); the server log has the rest")
 
 
+async def per_model(score, models: list, *columns: list) -> list:
+    """A batch of frames of several models: ``score(model, *its rows of each column)`` once per
+    model, concurrently, the answers back in the batch's order."""
+    rows: dict[str, list[int]] = {}
+    for i, m in enumerate(models):
+        rows.setdefault(m.key, []).append(i)
+    parts = await asyncio.gather(*(score(models[r[0]], *([col[i] for i in r] for col in columns))
+                                   for r in rows.values()))
+    out: list = [None] * len(models)
+    for r, answers in zip(rows.values(), parts):
+        for i, answer in zip(r, answers):
+            out[i] = answer
+    return out
+
+
 class ServedModel:
     """What the ingress holds of one scene model: its card (``info``) and, for cross-clip
     recipes, the Detector's evidence scales and decision (the shards hold the memories). It
@@ -808,17 +823,7 @@ class Ingress:
         """Frames of concurrent requests, each model's through its embedder, its shards'
         searches and its Detector's decision, each stream's frames in order against its
         state."""
-        out: list = [None] * len(frames)
-        by_model: dict[str, list[int]] = {}
-        for i, m in enumerate(models):
-            by_model.setdefault(m.key, []).append(i)
-        parts = await asyncio.gather(*(self._score_streams(
-            models[rows[0]], [frames[i] for i in rows], [states[i] for i in rows],
-            [indices[i] for i in rows]) for rows in by_model.values()))
-        for rows, answers in zip(by_model.values(), parts):
-            for i, answer in zip(rows, answers):
-                out[i] = answer
-        return out
+        return await per_model(self._score_streams, models, frames, states, indices)
 
     async def _score_streams(self, model: ServedModel, frames: list[np.ndarray], states: list,
                              indices: list) -> list[tuple]:
@@ -928,17 +933,7 @@ class Ingress:
         """Frames of concurrent requests, gathered here so that the backends get one call per
         batch and model (a call per frame costs a routing round trip each on a busy
         machine)."""
-        out: list = [None] * len(frames)
-        by_model: dict[str, list[int]] = {}
-        for i, m in enumerate(models):
-            by_model.setdefault(m.key, []).append(i)
-        parts = await asyncio.gather(*(self._score_scopes(
-            models[rows[0]], [frames[i] for i in rows], [methods[i] for i in rows],
-            [scopes[i] for i in rows]) for rows in by_model.values()))
-        for rows, answers in zip(by_model.values(), parts):
-            for i, answer in zip(rows, answers):
-                out[i] = answer
-        return out
+        return await per_model(self._score_scopes, models, frames, methods, scopes)
 
     async def _score_scopes(self, model: ServedModel, frames: list[np.ndarray],
                             methods: list[str], scopes: list[str]) -> list[tuple]:
