@@ -188,8 +188,11 @@ class _ShardModel:
     unloaded = None
 
     def __del__(self):  # Serve's multiplexing calls it when the model leaves the replica
-        if self.unloaded is not None:
-            self.unloaded(self.key, None)
+        # Once only: the garbage collector calls it again later, maybe after the same key was
+        # loaded anew.
+        unloaded, self.unloaded = self.unloaded, None
+        if unloaded is not None:
+            unloaded(self.key, None)
 
 
 @serve.deployment
