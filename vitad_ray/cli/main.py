@@ -311,8 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "its only one)")
     p.add_argument("--token", help="bearer token (default: VITAD_SERVE_TOKEN)")
     p.add_argument("--fps", type=float, default=None,
-                   help="video sampling rate (default 4.17, as `vitad embed`; 0 = every frame); "
-                        "a folder's images are its frames, timed at this rate")
+                   help="video sampling rate (default: the served model's training frame rate, "
+                        "else 4.17; 0 = every frame); a folder's images are its frames, timed "
+                        "at this rate")
     p.add_argument("--batch", type=int, default=4, help="consecutive frames per request")
     p.add_argument("--buffer", type=int, default=32, help="frames decoded ahead")
     p.add_argument("--give-up-s", type=float, default=300.0,
@@ -615,9 +616,14 @@ def cmd_watch(args) -> dict:
     check_watch(args)
     out = args.out or f"watch-{args.stream}.csv"
     token = args.token or os.environ.get("VITAD_SERVE_TOKEN")
-    fps = PAPER_FPS if args.fps is None else args.fps
     watcher = Watcher(args.endpoint, args.stream, token, model=args.model, batch=args.batch,
                       buffer=args.buffer, give_up_s=args.give_up_s, say=_say)
+    fps = args.fps
+    if fps is None:  # the rate the model was trained at, as the endpoint says
+        fps = watcher.model_fps()
+        _say(f"[watch] sampling at the model's {fps:g} frames/s" if fps else
+             f"[watch] the endpoint gives no frame rate: sampling at {PAPER_FPS:g} frames/s")
+        fps = fps or PAPER_FPS
     _say(f"[watch] {args.source} -> {args.endpoint} as stream {args.stream!r}"
          + (f" of model {args.model!r}" if args.model else ""))
     res = watcher.run(source_frames(args.source, fps))

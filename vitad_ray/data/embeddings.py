@@ -102,6 +102,18 @@ class EmbeddingWriter:
         write_json(self.out_dir / VIDEOS_FILE, self.finished_videos, indent=1, sort_keys=True)
 
 
+def frame_rate(ids) -> float | None:
+    """The frames' sampling rate (frames per second) from their clips' timestamps: what a
+    client of the fitted model should sample its camera at. None: no clip has two frames."""
+    steps = []
+    for _, clip in ids.groupby("clip", sort=False):
+        dt = np.diff(np.sort(clip["timestamp_s"].to_numpy(np.float64)))
+        dt = dt[dt > 0]
+        if len(dt):
+            steps.append(float(np.median(dt)))
+    return round(1.0 / float(np.median(steps)), 3) if steps else None
+
+
 def write_metadata(out_dir: str | os.PathLike, metadata: dict) -> None:
     write_json(Path(out_dir) / METADATA_FILE, metadata, indent=2, sort_keys=True)
 

@@ -130,6 +130,7 @@ def fit_detector_model(emb_dir: str | Path, model_dir: str | Path, recipe: Recip
                        ) -> dict:
     """Load the training frames of an embeddings folder, fit the recipe's streams, write
     ``model.json``; returns what was done."""
+    from ..data.embeddings import frame_rate
     from ..pipeline.fit import load_training_frames, load_training_views
     from ..storage.modeldir import embeddings_entry, write_model_json
     from ..storage.versions import package_versions
@@ -158,7 +159,8 @@ def fit_detector_model(emb_dir: str | Path, model_dir: str | Path, recipe: Recip
         "embeddings": embeddings_entry(emb_dir, meta, layers),
         "recipe": recipe.to_dict(),
         "train": {"splits": list(train_splits), "clips": sorted(map(str, emb.ids["clip"].unique())),
-                  "n_frames": len(emb), "n_views": n_views, "loo_groups": done["loo_groups"]},
+                  "n_frames": len(emb), "n_views": n_views, "loo_groups": done["loo_groups"],
+                  "fps": frame_rate(emb.ids)},
         "detector": {"streams": [n for n, _ in stream_names(recipe)], "memory_bytes": memory,
                      "signature": done["signature"],
                      "train_fpr_at_threshold": float((det.train_scores_ >= det.threshold_).mean())},

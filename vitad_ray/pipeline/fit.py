@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.embeddings import load_embeddings
+from ..data.embeddings import frame_rate, load_embeddings
 from ..normality.estimators import HDBSCANNormality, KMeansNormality, k_range
 from ..storage.atomic import write_json
 from ..storage.modeldir import (DEFAULT_THRESHOLDS, HDBSCAN_DIR, MODEL_FILE, SCOPES_DIR,
@@ -242,13 +242,14 @@ def fit_model(emb_dir: str | os.PathLike, model_dir: str | os.PathLike,
     write_json(state_file, {"signature": signature})
 
     train = stack_scopes(emb.global_, emb.local)
+    fps = frame_rate(emb.ids)
     del emb
     locations = [shard_location(model_dir, s, cfg.chroma_url) for s in range(cfg.n_shards)]
     fitted, done, nodes = _fit_scopes(model_dir, locations, backbone, frame_ids, train, cfg,
                                       cfg.task_settings(k_max), show_progress)
     shard_scopes = _shard_scopes(scopes, cfg.n_shards)
     _write_model_json(model_dir, meta, emb_dir, clips, frame_ids, scopes, shard_scopes, locations,
-                      cfg, k_min, k_max, time.perf_counter() - start, recipe, layers)
+                      cfg, k_min, k_max, time.perf_counter() - start, recipe, layers, fps)
     return FitResult(model_dir, fitted=fitted, skipped=done,
                      seconds=time.perf_counter() - start, nodes=nodes)
 
@@ -411,7 +412,7 @@ def update_paper_model(model_dir: str | os.PathLike, emb_dir: str | os.PathLike,
 
 def _write_model_json(model_dir: Path, meta: dict, emb_dir, clips, frame_ids, scopes,
                       shard_scopes, locations, cfg: FitConfig, k_min, k_max, seconds, recipe,
-                      layers) -> None:
+                      layers, fps: float | None) -> None:
     per_scope = {}
     for scope in scopes:
         marker = json.loads(scope_marker(model_dir, scope).read_text())
@@ -424,7 +425,8 @@ def _write_model_json(model_dir: Path, meta: dict, emb_dir, clips, frame_ids, sc
         "backbone": meta["backbone"],
         "embeddings": embeddings_entry(emb_dir, meta, layers),
         "recipe": recipe.replace(k_max=k_max, hdbscan=cfg.hdbscan).to_dict(),
-        "train": {"splits": list(cfg.train_splits), "clips": clips, "n_frames": len(frame_ids)},
+        "train": {"splits": list(cfg.train_splits), "clips": clips, "n_frames": len(frame_ids),
+                  "fps": fps},
         "params": {"k_min": k_min, "k_max": k_max, "m": cfg.m, "hdbscan": cfg.hdbscan,
                    "min_cluster_size": cfg.min_cluster_size, "min_samples": cfg.min_samples,
                    "silhouette_sample_size": cfg.silhouette_sample_size},

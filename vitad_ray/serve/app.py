@@ -1015,6 +1015,7 @@ def model_info(name: str, model_dir: str, doc: dict, settings: dict) -> dict:
         "image_size": emb["image_size"], "patch_size": emb["patch_size"], "grid": emb["grid"],
         "num_patches": emb["num_patches"], "dim": emb["dim"],
         "scopes": 1 + emb["num_patches"], "train_frames": doc["train"]["n_frames"],
+        "fps": doc["train"].get("fps"),  # the training video's rate: a client samples at it
         "updates": doc.get("updates", []),
         "hdbscan": bool(params.get("hdbscan")),
         "methods": ["kmeans"] + (["hdbscan"] if params.get("hdbscan") else []),

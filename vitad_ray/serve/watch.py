@@ -84,6 +84,17 @@ class Watcher:
         self.client = httpx.Client(headers=headers, timeout=timeout_s)
         self.alarm_frames: dict[int, np.ndarray] = {}  # the highest-scoring alarms' pixels
 
+    def model_fps(self) -> float | None:
+        """The served model's training frame rate (None: not known, or no answer)."""
+        import httpx
+
+        try:
+            resp = self.client.get(self.url.rsplit("/", 1)[0] + "/model",
+                                   params={"model": self.model} if self.model else None)
+            return resp.json().get("fps") if resp.status_code == 200 else None
+        except (httpx.HTTPError, ValueError):
+            return None
+
     def run(self, frames: Iterator[tuple[int, float, np.ndarray]]) -> WatchResult:
         result = WatchResult()
         start = time.perf_counter()

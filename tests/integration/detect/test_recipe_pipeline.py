@@ -218,6 +218,10 @@ def test_vitad_watch_posts_a_clip_in_order_and_writes_the_timeline(served_defaul
                  str(tmp_path / "timeline.csv"), "--report", str(tmp_path / "report"),
                  *common]) == 0
     printed = capsys.readouterr().out
+    # No --fps: the rate the model's training video was sampled at, as the endpoint says.
+    fps = served_default.get("/v1/model", params={"model": "default"},
+                             headers=AUTH).json()["fps"]
+    assert fps > 0 and f"sampling at the model's {fps:g} frames/s" in printed
     got = pd.read_csv(tmp_path / "timeline.csv")
     want = df[df["clip"] == clip].sort_values("frame_index")
     assert (got["status"] == "ok").all() and got["frame_index"].tolist() == list(range(len(items)))

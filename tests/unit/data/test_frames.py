@@ -249,3 +249,15 @@ def test_a_finished_video_is_decoded_again_for_views_it_lacks(tmp_path):
     for source, record in _VideoTally(items, (1.5,)).add(_as_batch(views)):
         writer.mark_video_finished(source, record)
     assert still_to_embed(items, [writer], [set()], zooms=(1.5,)) == ([], 10)
+
+
+def test_frame_rate_of_the_training_clips():
+    """The clips' median step, whatever the clips' order, gaps and a clip of one frame."""
+    import pandas as pd
+
+    from vitad_ray.data.embeddings import frame_rate
+
+    ids = pd.DataFrame({"clip": ["b", "b", "b", "b", "a", "a", "a", "c"],
+                        "timestamp_s": [0.0, 0.1, 0.2, 0.9, 0.4, 0.2, 0.3, 5.0]})
+    assert frame_rate(ids) == 10.0
+    assert frame_rate(ids[ids["clip"] == "c"]) is None
