@@ -3,6 +3,7 @@ fitted model give the model a fit on every clip gives. Its own module: the endpo
 recipe pipeline's tests holds the cluster's CPUs until its module ends, and a fit needs them."""
 
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -47,16 +48,30 @@ class TrainClips:
         return out
 
 
-def test_vitad_update_adds_clips_as_a_fit_on_all_of_them(embedded, ray_local, tmp_path,
+@pytest.fixture(scope="module")
+def two_clips(embedded, ray_local, tmp_path_factory):
+    """The default recipe fitted on the first 2 training clips; each test updates a copy."""
+    cut = TrainClips(embedded, tmp_path_factory.mktemp("two-clips"))
+    model = cut.tmp_path / "model"
+    assert main(["fit", str(cut.subset("first", cut.clips[:2])), "--out", str(model),
+                 "--recipe", str(cut.recipe)]) == 0
+    return model
+
+
+def _copy(model, tmp_path):
+    import shutil
+
+    return Path(shutil.copytree(model, tmp_path / "model"))
+
+
+def test_vitad_update_adds_clips_as_a_fit_on_all_of_them(embedded, two_clips, tmp_path,
                                                          capsys):
     """`vitad update` with new normal clips gives the model a fit on every clip gives: the same
     memory, calibration, threshold and scores; model.json's version goes up."""
     cut = TrainClips(embedded, tmp_path)
     default_embeddings, clips, recipe = cut.folder, cut.clips, cut.recipe
     assert len(clips) == TRAIN_CLIPS
-    model, full = tmp_path / "model", tmp_path / "full"
-    assert main(["fit", str(cut.subset("first", clips[:2])), "--out", str(model),
-                 "--recipe", str(recipe)]) == 0
+    model, full = _copy(two_clips, tmp_path), tmp_path / "full"
     new = cut.subset("second", clips[2:])
     assert main(["update", str(model), "--embeddings", str(new)]) == 0
     assert "to version 2" in capsys.readouterr().out
@@ -88,7 +103,7 @@ def test_vitad_update_adds_clips_as_a_fit_on_all_of_them(embedded, ray_local, tm
 
 
 def test_a_served_model_takes_feedback_and_its_update_without_a_restart(embedded, scene,
-                                                                        ray_local, tmp_path,
+                                                                        two_clips, tmp_path,
                                                                         capsys):
     """Frames posted to /v1/streams/{id}/normal are queued in the model directory; `vitad update
     MODEL --feedback` embeds and adds them; the running endpoint then answers with the new
@@ -102,10 +117,7 @@ def test_a_served_model_takes_feedback_and_its_update_without_a_restart(embedded
     from vitad_ray.storage.feedback import FEEDBACK_DIR, queued_clips
 
     cut = TrainClips(embedded, tmp_path)
-    model = tmp_path / "model"
-    # Fitted before the endpoint starts: a fit needs the cluster's CPUs.
-    assert main(["fit", str(cut.subset("first", cut.clips[:2])), "--out", str(model),
-                 "--recipe", str(cut.recipe)]) == 0
+    model = _copy(two_clips, tmp_path)  # fitted before the endpoint: a fit needs the CPUs
     test = next(it for it in items_from_manifest(scene["manifest"]) if it["frame_index"] == 3)
     frame = [("images", ("f.png", open(test["path"], "rb").read(), "image/png"))]
     video = next((scene["root"] / "train").glob(f"{cut.clips[2]}.*"))
