@@ -383,7 +383,9 @@ def cmd_embed(args) -> dict:
                         actors_per_backbone=args.actors, zooms=zooms)
     for name, path in res.out_dirs.items():
         _say(f"wrote {name} embeddings to {path}")
-    _say(f"{res.written} frames embedded, {res.already_present} already present, "
+    views = f" and {res.views_written} zoomed views" if res.views_written else ""
+    _say(f"{res.written - res.views_written} frames{views} embedded, {res.already_present} "
+         f"already present, "
          f"{len(res.errors)} skipped (reasons in {Path(args.out) / 'errors.csv'}), "
          f"{res.seconds:.1f}s; decoded on {len(res.decode_nodes)} node(s), embedded on "
          f"{len(res.nodes)}")

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from ..data.embeddings import EmbeddingWriter, write_metadata
-from ..data.frames import (ID_COLUMNS, decode_item, expected_frames, frame_id, item_zooms,
-                           video_fingerprint, view_frame_id, view_name)
+from ..data.frames import (ID_COLUMNS, VIEW_MARK, decode_item, expected_frames, frame_id,
+                           item_zooms, video_fingerprint, view_frame_id, view_name)
 from ..features.backbones import create_backbone, get_spec, weights_fingerprint
 from ..storage.atomic import write_json
 from ..storage.versions import package_versions
@@ -45,7 +45,8 @@ class BackboneChoice:
 @dataclass
 class EmbedResult:
     out_dirs: dict[str, Path]
-    written: int = 0
+    written: int = 0  # frames and views
+    views_written: int = 0
     already_present: int = 0
     errors: list[dict] = field(default_factory=list)
     seconds: float = 0.0
@@ -241,6 +242,7 @@ def run_embedding(items: list[dict], choices: list[BackboneChoice], out_root: st
                 written_ids[choice.name].update(rows["frame_id"])
                 result.nodes.update(batch[f"emb.{choice.name}.node"][keep])
             result.written += len(new_frames)
+            result.views_written += sum(VIEW_MARK in f for f in new_frames)
             result.decode_nodes.update(batch["decode_node"])
             for source, record in videos.add(batch):
                 for writer in writers.values():

@@ -26,7 +26,7 @@ def test_embedding_writes_every_frame_once_and_reports_the_broken_one(embedded, 
     res = embedded["result"]
     n_train, n_test = TRAIN_CLIPS * FRAMES, TEST_CLIPS * FRAMES
     n_views = n_train * len(embedded["zooms"])  # training frames' zoomed views: rows of their own
-    assert n_views and res.written == n_train + n_views + n_test
+    assert n_views and res.written == n_train + n_views + n_test and res.views_written == n_views
     assert len(res.errors) == 1 and res.errors[0]["frame_id"] == "test/01/999"
     errors_csv = (embedded["out"] / "errors.csv").read_text()
     assert "broken.jpg" in errors_csv
