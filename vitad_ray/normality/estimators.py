@@ -117,8 +117,9 @@ class KMeansNormality(BaseEstimator):
                     random_state=self.random_state).fit(x)
         labels = km.labels_.astype(np.int32)
         loc = np.concatenate([self.loc_dens_, np.zeros(len(x_new), np.float32)])
-        changed = set(labels[n_old:].tolist()) | set(old[labels[:n_old] != old].tolist()) | \
-            set(labels[:n_old][labels[:n_old] != old].tolist())
+        moved = labels[:n_old] != old  # old vectors now in another cluster: both clusters change
+        changed = set(labels[n_old:].tolist()) | set(old[moved].tolist()) | \
+            set(labels[:n_old][moved].tolist())
         for cluster in sorted(changed):
             members = np.flatnonzero(labels == cluster)
             loc[members] = local_density(x[members], np.zeros(len(members)), self.m)

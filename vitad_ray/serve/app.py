@@ -872,7 +872,7 @@ class Ingress:
                      ) -> tuple[list[ImageInput], DetectOptions]:
         check_content_length(request.headers.get("content-length"), self.limits)
         kind = media_type(request.headers.get("content-type"))
-        fields = {**request.query_params, **(path_fields or {})}
+        fields = dict(request.query_params)
         body = await self._read_body(request)
         if kind in JSON_TYPES:
             images, body_fields = images_from_json(body, self.limits)
